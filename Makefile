@@ -1,0 +1,29 @@
+# Everything runs in .venv (Python 3.11), built by `make setup`; other targets set it up first.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.evalnorm-setup
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+# Rebuilt only when a file that decides what is installed changes: quick when nothing is missing.
+$(STAMP): pyproject.toml constraints.txt tools/install_detectron2.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel -c constraints.txt setuptools
+	$(PY) -m pip install -q -c constraints.txt torch torchvision
+	bash tools/install_detectron2.sh $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -c "import evalnorm_det, torchvision.ops; print('evalnorm_det ready:', evalnorm_det.__file__)"
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) tools/demo_digits.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

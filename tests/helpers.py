@@ -1,0 +1,87 @@
+"""Test helpers: independent float64 references and small models."""
+import numpy as np
+import torch
+from torch import nn
+
+
+def reference_evalnorm(x, running_mean, running_var, weight, bias, alpha, beta, eps):
+    """Eqs. 5-6 in float64 NumPy, one (sample, channel) at a time."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.empty_like(x)
+    for n in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            xi = x[n, c]
+            mu_i, var_i = xi.mean(), xi.var()
+            mu_e, var_e = float(running_mean[c]), float(running_var[c])
+            mu = alpha * mu_i + (1 - alpha) * mu_e
+            var = beta * var_i + (1 - beta) * var_e + beta * (1 - beta) * (mu_i - mu_e) ** 2
+            y[n, c] = float(weight[c]) * (xi - mu) / np.sqrt(var + eps) + float(bias[c])
+    return y
+
+
+def reference_auxiliary_loss(x, running_mean, running_var, alpha, beta, eps, group_size=None):
+    """Eqs. 7-9 in float64 NumPy: mean |batch-normalized x - EvalNorm-normalized x|."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    group_size = group_size or n
+    total = 0.0
+    for g in range(0, n, group_size):
+        xg = x[g : g + group_size]
+        mu_b = xg.mean(axis=(0, 2, 3))
+        var_b = xg.var(axis=(0, 2, 3))
+        for i in range(xg.shape[0]):
+            for c in range(x.shape[1]):
+                xi = xg[i, c]
+                mu_i, var_i = xi.mean(), xi.var()
+                mu_e, var_e = float(running_mean[c]), float(running_var[c])
+                mu = alpha * mu_i + (1 - alpha) * mu_e
+                var = beta * var_i + (1 - beta) * var_e + beta * (1 - beta) * (mu_i - mu_e) ** 2
+                target = (xi - mu_b[c]) / np.sqrt(var_b[c] + eps)
+                pred = (xi - mu) / np.sqrt(var + eps)
+                total += np.abs(target - pred).sum()
+    return total / x.size
+
+
+@torch.no_grad()
+def randomize_batchnorm(model, seed=0):
+    """Give every BatchNorm-like layer non-trivial affine and running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "running_mean") and m.running_mean is not None:
+            c = m.running_mean.numel()
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return model
+
+
+def small_cnn(norm, num_classes=4, width=8, dropout=0.0):
+    """conv-norm-relu x2, pooling, linear; ``norm(channels)`` builds each norm layer."""
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1, bias=False),
+        norm(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1, stride=2, bias=False),
+        norm(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(2 * width, num_classes),
+    )
+
+
+def class_images(n, size=12, num_classes=4, seed=0):
+    """Images whose class decides where a bright square sits, with per-image brightness and
+    contrast jitter so that per-sample statistics vary: (images (n,1,size,size), labels (n,))."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(num_classes, (n,), generator=g)
+    images = torch.randn(n, 1, size, size, generator=g) * 0.5
+    half = size // 2
+    for i, label in enumerate(labels.tolist()):
+        r, c = divmod(label, 2)
+        images[i, 0, r * half : (r + 1) * half, c * half : (c + 1) * half] += 2.0
+    gain = torch.rand(n, 1, 1, 1, generator=g) * 1.5 + 0.5
+    offset = torch.randn(n, 1, 1, 1, generator=g)
+    return images * gain + offset, labels

@@ -1,0 +1,55 @@
+"""The public surface: names, isinstance compatibility, get_norm, and the detectron2 message."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from detectron2.layers import FrozenBatchNorm2d
+from fvcore.nn.precise_bn import get_bn_modules
+from torch import nn
+
+import evalnorm_det
+from evalnorm_det import EvalNorm2d
+from evalnorm_det.layers import get_norm
+
+
+def test_public_names():
+    for name in ("EvalNorm2d", "OnlineEstimator", "convert_to_evalnorm", "convert_to_batchnorm", "evalnorm_mode"):
+        assert hasattr(evalnorm_det, name), name
+    assert evalnorm_det.get_norm is get_norm
+
+
+def test_is_a_batchnorm_for_torch_and_fvcore():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), EvalNorm2d(4)).train()
+    assert isinstance(model[1], nn.BatchNorm2d)
+    assert get_bn_modules(model) == [model[1]]  # PreciseBN would recompute its statistics
+
+
+def test_get_norm():
+    en = get_norm("EN", 8, norm_batch_size=2)
+    assert type(en) is EvalNorm2d and not en.frozen and en.num_features == 8 and en.norm_batch_size == 2
+    assert get_norm("FrozenEN", 8).frozen
+    assert type(get_norm("BN", 8)) is nn.BatchNorm2d
+    assert type(get_norm("FrozenBN", 8)) is FrozenBatchNorm2d
+    assert isinstance(get_norm("SyncBN", 8), nn.SyncBatchNorm)
+    assert isinstance(get_norm("GN", 64), nn.GroupNorm)
+    assert get_norm("", 8) is None and get_norm(None, 8) is None
+    assert get_norm(lambda c: EvalNorm2d(c, microbatch=True, norm_batch_size=2), 8).microbatch
+    with pytest.raises(ValueError, match="Unknown norm 'ENN'"):
+        get_norm("ENN", 8)
+
+
+def test_missing_detectron2_says_how_to_install():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["detectron2"] = None  # as if it were not installed
+        try:
+            import evalnorm_det
+        except ImportError as e:
+            print(e)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "needs detectron2" in out and "make setup" in out and "facebookresearch/detectron2" in out
