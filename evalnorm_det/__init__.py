@@ -3,6 +3,7 @@
 BatchNorm layers train exactly as before; at evaluation, each sample's own statistics are
 mixed into the running (EMA) ones with two coefficients per layer, alpha and beta.
 """
+
 import sys
 
 try:

@@ -1,4 +1,5 @@
 """Swap the BatchNorm layers of any torch model for ``EvalNorm2d``, and back."""
+
 import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
@@ -10,7 +11,9 @@ __all__ = ["convert_to_evalnorm", "convert_to_batchnorm", "BATCHNORM_TYPES"]
 BATCHNORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 
 
-def convert_to_evalnorm(model, norm_batch_size, init="rule_of_thumb", frozen=None, microbatch=False):
+def convert_to_evalnorm(
+    model, norm_batch_size, init="rule_of_thumb", frozen=None, microbatch=False
+):
     """Replace every ``BatchNorm2d``, ``SyncBatchNorm`` and ``FrozenBatchNorm2d`` by ``EvalNorm2d``.
 
     Weights, biases, running statistics, eps, momentum, ``requires_grad`` and train/eval mode
@@ -30,7 +33,9 @@ def convert_to_evalnorm(model, norm_batch_size, init="rule_of_thumb", frozen=Non
     """
 
     def to_evalnorm(bn, name):
-        if isinstance(bn, nn.modules.batchnorm._NormBase) and not (bn.affine and bn.track_running_stats):
+        if isinstance(bn, nn.modules.batchnorm._NormBase) and not (
+            bn.affine and bn.track_running_stats
+        ):
             raise ValueError(
                 f"{name or 'model'}: {type(bn).__name__} with affine={bn.affine}, "
                 f"track_running_stats={bn.track_running_stats} cannot become EvalNorm2d, which "
@@ -56,7 +61,9 @@ def convert_to_evalnorm(model, norm_batch_size, init="rule_of_thumb", frozen=Non
         return en.train(bn.training)
 
     return _replace_modules(
-        model, lambda m: isinstance(m, BATCHNORM_TYPES) and not isinstance(m, EvalNorm2d), to_evalnorm
+        model,
+        lambda m: isinstance(m, BATCHNORM_TYPES) and not isinstance(m, EvalNorm2d),
+        to_evalnorm,
     )
 
 
@@ -70,9 +77,13 @@ def convert_to_batchnorm(model):
     def to_batchnorm(en, name):
         stats = en.running_mean
         if en.frozen:
-            bn = FrozenBatchNorm2d(en.num_features, eps=en.eps).to(device=stats.device, dtype=stats.dtype)
+            bn = FrozenBatchNorm2d(en.num_features, eps=en.eps).to(
+                device=stats.device, dtype=stats.dtype
+            )
         else:
-            bn = nn.BatchNorm2d(en.num_features, en.eps, en.momentum, device=stats.device, dtype=stats.dtype)
+            bn = nn.BatchNorm2d(
+                en.num_features, en.eps, en.momentum, device=stats.device, dtype=stats.dtype
+            )
             bn.weight.requires_grad_(en.weight.requires_grad)
             bn.bias.requires_grad_(en.bias.requires_grad)
         _copy_batchnorm_state(en, bn)
@@ -85,7 +96,10 @@ def convert_to_batchnorm(model):
 def _copy_batchnorm_state(src, dst):
     for name in ("weight", "bias", "running_mean", "running_var"):
         getattr(dst, name).copy_(getattr(src, name))
-    src_count, dst_count = getattr(src, "num_batches_tracked", None), getattr(dst, "num_batches_tracked", None)
+    src_count, dst_count = (
+        getattr(src, "num_batches_tracked", None),
+        getattr(dst, "num_batches_tracked", None),
+    )
     if src_count is not None and dst_count is not None:
         dst_count.copy_(src_count)
 

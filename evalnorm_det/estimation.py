@@ -1,4 +1,5 @@
 """Online estimation of alpha and beta (paper section 3.4) for any PyTorch training loop."""
+
 import torch
 import torch.distributed as dist
 
@@ -35,10 +36,14 @@ class OnlineEstimator:
             over the processes that computed one, so every rank keeps identical alpha/beta.
     """
 
-    def __init__(self, model, lr=0.01, optimizer="adam", momentum=0.9, average_across_processes=True):
+    def __init__(
+        self, model, lr=0.01, optimizer="adam", momentum=0.9, average_across_processes=True
+    ):
         self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, EvalNorm2d)]
         if not self.layers:
-            raise ValueError("The model has no EvalNorm2d layer: convert_to_evalnorm(model, B) first")
+            raise ValueError(
+                "The model has no EvalNorm2d layer: convert_to_evalnorm(model, B) first"
+            )
         at_bounds = [
             name
             for name, m in self.layers
@@ -79,7 +84,9 @@ class OnlineEstimator:
         # One row per layer: d/d(alpha_logit), d/d(beta_logit), and 1 if the layer has a gradient.
         rows = torch.stack(
             [
-                none if grad is None else torch.cat([grad.to(device=device, dtype=torch.float32), one])
+                none
+                if grad is None
+                else torch.cat([grad.to(device=device, dtype=torch.float32), one])
                 for grad in (m.take_aux_grad() for _, m in self.layers)
             ]
         )

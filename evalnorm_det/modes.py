@@ -1,4 +1,5 @@
 """``evalnorm_mode``: evaluate the same weights with different normalization statistics."""
+
 import contextlib
 
 from .layers import EVAL_MODES, EvalNorm2d
@@ -21,7 +22,9 @@ def evalnorm_mode(model, mode):
     if mode in ("rule_of_thumb", "simple"):
         unknown = [name for name, m in layers if m.norm_batch_size is None]
         if unknown:
-            raise ValueError(f"mode {mode!r} needs norm_batch_size, which is None in layer {unknown[0]!r}")
+            raise ValueError(
+                f"mode {mode!r} needs norm_batch_size, which is None in layer {unknown[0]!r}"
+            )
     previous = [m.mode for _, m in layers]
     try:
         for _, m in layers:

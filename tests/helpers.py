@@ -1,21 +1,26 @@
 """Test helpers: independent float64 references and small models."""
+
 import numpy as np
 import torch
 from torch import nn
 
 
+def reference_statistics(xi, mu_e, var_e, alpha, beta):
+    """Eqs. 5-6 for one (sample, channel) map ``xi`` in float64."""
+    mu_i, var_i = xi.mean(), xi.var()
+    mu = alpha * mu_i + (1 - alpha) * float(mu_e)
+    var = beta * var_i + (1 - beta) * float(var_e) + beta * (1 - beta) * (mu_i - float(mu_e)) ** 2
+    return mu, var
+
+
 def reference_evalnorm(x, running_mean, running_var, weight, bias, alpha, beta, eps):
-    """Eqs. 5-6 in float64 NumPy, one (sample, channel) at a time."""
+    """EvalNorm's evaluation output in float64 NumPy, one (sample, channel) at a time."""
     x = np.asarray(x, dtype=np.float64)
     y = np.empty_like(x)
     for n in range(x.shape[0]):
         for c in range(x.shape[1]):
-            xi = x[n, c]
-            mu_i, var_i = xi.mean(), xi.var()
-            mu_e, var_e = float(running_mean[c]), float(running_var[c])
-            mu = alpha * mu_i + (1 - alpha) * mu_e
-            var = beta * var_i + (1 - beta) * var_e + beta * (1 - beta) * (mu_i - mu_e) ** 2
-            y[n, c] = float(weight[c]) * (xi - mu) / np.sqrt(var + eps) + float(bias[c])
+            mu, var = reference_statistics(x[n, c], running_mean[c], running_var[c], alpha, beta)
+            y[n, c] = float(weight[c]) * (x[n, c] - mu) / np.sqrt(var + eps) + float(bias[c])
     return y
 
 
@@ -32,10 +37,7 @@ def reference_auxiliary_loss(x, running_mean, running_var, alpha, beta, eps, gro
         for i in range(xg.shape[0]):
             for c in range(x.shape[1]):
                 xi = xg[i, c]
-                mu_i, var_i = xi.mean(), xi.var()
-                mu_e, var_e = float(running_mean[c]), float(running_var[c])
-                mu = alpha * mu_i + (1 - alpha) * mu_e
-                var = beta * var_i + (1 - beta) * var_e + beta * (1 - beta) * (mu_i - mu_e) ** 2
+                mu, var = reference_statistics(xi, running_mean[c], running_var[c], alpha, beta)
                 target = (xi - mu_b[c]) / np.sqrt(var_b[c] + eps)
                 pred = (xi - mu) / np.sqrt(var + eps)
                 total += np.abs(target - pred).sum()

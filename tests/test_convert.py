@@ -1,4 +1,5 @@
 """convert_to_evalnorm / convert_to_batchnorm on real models, and evalnorm_mode."""
+
 import copy
 
 import pytest
@@ -39,9 +40,15 @@ def test_resnet18_trains_identically(resnet18):
     x = images(seed=1)
     original(x).sum().backward()
     converted(x).sum().backward()
-    for (name, a), (_, b) in zip(original.named_parameters(), [(n, p) for n, p in converted.named_parameters() if "logit" not in n]):
+    for (name, a), (_, b) in zip(
+        original.named_parameters(),
+        [(n, p) for n, p in converted.named_parameters() if "logit" not in n],
+    ):
         assert torch.equal(a.grad, b.grad), name
-    for (name, a), b in zip(original.state_dict().items(), [v for k, v in converted.state_dict().items() if "logit" not in k]):
+    for (name, a), b in zip(
+        original.state_dict().items(),
+        [v for k, v in converted.state_dict().items() if "logit" not in k],
+    ):
         assert torch.equal(a, b), name
 
 
@@ -56,7 +63,9 @@ def test_round_trip_to_batchnorm(resnet18):
 
 
 def frozen_model():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+    )
     return randomize_batchnorm(model)
 
 
@@ -89,20 +98,28 @@ def test_syncbatchnorm_and_bare_layer():
 
 
 def test_microbatch_and_dtype_kept():
-    model = convert_to_evalnorm(nn.Sequential(nn.BatchNorm2d(3)).double(), norm_batch_size=2, microbatch=True)
+    model = convert_to_evalnorm(
+        nn.Sequential(nn.BatchNorm2d(3)).double(), norm_batch_size=2, microbatch=True
+    )
     assert model[0].microbatch and model[0].running_mean.dtype == torch.float64
     assert model[0].alpha_logit.dtype == torch.float64
 
 
 def test_layers_without_statistics_are_refused():
-    with pytest.raises(ValueError, match="0: BatchNorm2d with affine=True, track_running_stats=False"):
-        convert_to_evalnorm(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), norm_batch_size=2)
+    with pytest.raises(
+        ValueError, match="0: BatchNorm2d with affine=True, track_running_stats=False"
+    ):
+        convert_to_evalnorm(
+            nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), norm_batch_size=2
+        )
     with pytest.raises(ValueError, match="affine=False"):
         convert_to_evalnorm(nn.BatchNorm2d(3, affine=False), norm_batch_size=2)
 
 
 def test_mode_context_restores_and_checks():
-    model = convert_to_evalnorm(nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3)), norm_batch_size=None, init=0.5)
+    model = convert_to_evalnorm(
+        nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3)), norm_batch_size=None, init=0.5
+    )
     model[1].mode = "ema"
     with evalnorm_mode(model, "en"):
         assert [m.mode for m in model] == ["en", "en"]

@@ -1,4 +1,5 @@
 """The README's demo runs end to end (one short epoch here; `make demo` runs it in full)."""
+
 import runpy
 from pathlib import Path
 

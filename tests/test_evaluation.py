@@ -1,4 +1,5 @@
 """Evaluation: eqs. 5-6 against float64 references, and their limits (BN eval, per-sample)."""
+
 import numpy as np
 import pytest
 import torch
@@ -35,7 +36,9 @@ def layer_reference(layer, x, alpha, beta):
     )
 
 
-@pytest.mark.parametrize("alpha,beta", [(0.0, 0.0), (0.25, 0.25), (0.7, 0.1), (0.05, 0.9), (1.0, 1.0), (1.0, 0.0)])
+@pytest.mark.parametrize(
+    "alpha,beta", [(0.0, 0.0), (0.25, 0.25), (0.7, 0.1), (0.05, 0.9), (1.0, 1.0), (1.0, 0.0)]
+)
 def test_float64_matches_reference(alpha, beta):
     layer = make_layer(dtype=torch.float64)
     layer.set_coefficients(alpha, beta)
@@ -85,13 +88,17 @@ def test_modes_use_rules_of_batch_size():
     for mode, value in (("rule_of_thumb", 1 / 16), ("simple", 1 / 4)):
         expected = layer_reference(layer, x, value, value)
         np.testing.assert_allclose(outputs[mode].detach().numpy(), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(outputs["en"].detach().numpy(), layer_reference(layer, x, 0.6, 0.3), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        outputs["en"].detach().numpy(), layer_reference(layer, x, 0.6, 0.3), rtol=1e-5, atol=1e-5
+    )
     assert not torch.allclose(outputs["en"], outputs["ema"])
 
 
 def test_set_coefficients_rules_and_readouts():
     layer = EvalNorm2d(3, norm_batch_size=4)
-    assert layer.alpha.item() == pytest.approx(1 / 16) and layer.beta.item() == pytest.approx(1 / 16)
+    assert layer.alpha.item() == pytest.approx(1 / 16) and layer.beta.item() == pytest.approx(
+        1 / 16
+    )
     layer.set_coefficients("simple")
     assert layer.alpha.item() == pytest.approx(1 / 4)
     layer.set_coefficients(0.3, "rule_of_thumb")

@@ -1,4 +1,5 @@
 """Online estimation (eqs. 7-9): exact gradients, no effect on training, and Figure 3's trend."""
+
 import copy
 
 import numpy as np
@@ -12,12 +13,16 @@ from helpers import class_images, randomize_batchnorm, reference_auxiliary_loss,
 
 @pytest.mark.parametrize("group_size,frozen", [(None, False), (2, False), (None, True)])
 def test_gradient_matches_finite_differences(group_size, frozen):
-    en = randomize_batchnorm(EvalNorm2d(3, norm_batch_size=2, microbatch=group_size is not None, frozen=frozen))
+    en = randomize_batchnorm(
+        EvalNorm2d(3, norm_batch_size=2, microbatch=group_size is not None, frozen=frozen)
+    )
     en = en.double()
     en.set_coefficients(0.3, 0.6)
     en.estimate_online = True
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(4, 3, 5, 6, generator=g, dtype=torch.float64) * 2 + torch.randn(4, 3, 1, 1, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 3, 5, 6, generator=g, dtype=torch.float64) * 2 + torch.randn(
+        4, 3, 1, 1, generator=g, dtype=torch.float64
+    )
     # The auxiliary loss compares against the EMA as it was before this batch updated it.
     mean, var = en.running_mean.numpy().copy(), en.running_var.numpy().copy()
     en(x)
@@ -25,11 +30,16 @@ def test_gradient_matches_finite_differences(group_size, frozen):
 
     def loss(alpha_logit, beta_logit):
         sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
-        return reference_auxiliary_loss(x.numpy(), mean, var, sigmoid(alpha_logit), sigmoid(beta_logit), en.eps, group_size)
+        return reference_auxiliary_loss(
+            x.numpy(), mean, var, sigmoid(alpha_logit), sigmoid(beta_logit), en.eps, group_size
+        )
 
     a, b = en.alpha_logit.item(), en.beta_logit.item()
     h = 1e-6
-    numeric = [(loss(a + h, b) - loss(a - h, b)) / (2 * h), (loss(a, b + h) - loss(a, b - h)) / (2 * h)]
+    numeric = [
+        (loss(a + h, b) - loss(a - h, b)) / (2 * h),
+        (loss(a, b + h) - loss(a, b - h)) / (2 * h),
+    ]
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9)
     assert en.last_aux_loss.item() == pytest.approx(loss(a, b), rel=1e-10)
     assert np.abs(grad).min() > 1e-4  # a real gradient, not a trivially matching zero
@@ -74,7 +84,9 @@ def graph_nodes(t):
 def train(seed, estimate, steps=6, microbatch=2):
     """A few SGD steps of a small CNN with dropout; returns the model, its optimizer, estimator."""
     torch.manual_seed(seed)
-    model = small_cnn(lambda c: EvalNorm2d(c, norm_batch_size=microbatch, microbatch=True), dropout=0.3)
+    model = small_cnn(
+        lambda c: EvalNorm2d(c, norm_batch_size=microbatch, microbatch=True), dropout=0.3
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     estimator = OnlineEstimator(model, lr=0.05) if estimate else None
     images, labels = class_images(8 * steps, seed=seed)
@@ -92,7 +104,9 @@ def test_estimation_leaves_training_bitwise_unchanged():
     plain, plain_opt, _ = train(0, estimate=False)
     rng_plain = torch.get_rng_state()
     estimated, estimated_opt, estimator = train(0, estimate=True)
-    assert torch.equal(torch.get_rng_state(), rng_plain)  # same random stream (dropout drew from it)
+    assert torch.equal(
+        torch.get_rng_state(), rng_plain
+    )  # same random stream (dropout drew from it)
     moved = 0
     for (name, a), (_, b) in zip(plain.state_dict().items(), estimated.state_dict().items()):
         if "logit" in name:
@@ -148,7 +162,9 @@ def estimated_coefficients(norm_batch_size, steps=60):
     """Train a small CNN with microbatches of ``norm_batch_size`` (SGD batch 64), estimating
     alpha/beta online from the same start (0.1); return their mean over layers."""
     torch.manual_seed(0)
-    model = convert_to_evalnorm(small_cnn(torch.nn.BatchNorm2d, width=8), norm_batch_size, init=0.1, microbatch=True)
+    model = convert_to_evalnorm(
+        small_cnn(torch.nn.BatchNorm2d, width=8), norm_batch_size, init=0.1, microbatch=True
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     estimator = OnlineEstimator(model, lr=0.05)
     images, labels = class_images(64 * steps, seed=0)

@@ -1,10 +1,10 @@
 """The public surface: names, isinstance compatibility, get_norm, and the detectron2 message."""
+
 import subprocess
 import sys
 import textwrap
 
 import pytest
-import torch
 from detectron2.layers import FrozenBatchNorm2d
 from fvcore.nn.precise_bn import get_bn_modules
 from torch import nn
@@ -15,7 +15,13 @@ from evalnorm_det.layers import get_norm
 
 
 def test_public_names():
-    for name in ("EvalNorm2d", "OnlineEstimator", "convert_to_evalnorm", "convert_to_batchnorm", "evalnorm_mode"):
+    for name in (
+        "EvalNorm2d",
+        "OnlineEstimator",
+        "convert_to_evalnorm",
+        "convert_to_batchnorm",
+        "evalnorm_mode",
+    ):
         assert hasattr(evalnorm_det, name), name
     assert evalnorm_det.get_norm is get_norm
 
@@ -28,7 +34,12 @@ def test_is_a_batchnorm_for_torch_and_fvcore():
 
 def test_get_norm():
     en = get_norm("EN", 8, norm_batch_size=2)
-    assert type(en) is EvalNorm2d and not en.frozen and en.num_features == 8 and en.norm_batch_size == 2
+    assert (
+        type(en) is EvalNorm2d
+        and not en.frozen
+        and en.num_features == 8
+        and en.norm_batch_size == 2
+    )
     assert get_norm("FrozenEN", 8).frozen
     assert type(get_norm("BN", 8)) is nn.BatchNorm2d
     assert type(get_norm("FrozenBN", 8)) is FrozenBatchNorm2d
@@ -51,5 +62,9 @@ def test_missing_detectron2_says_how_to_install():
             print(e)
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "needs detectron2" in out and "make setup" in out and "facebookresearch/detectron2" in out
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert (
+        "needs detectron2" in out and "make setup" in out and "facebookresearch/detectron2" in out
+    )

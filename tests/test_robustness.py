@@ -1,5 +1,6 @@
 """Where detection is harsh: empty batches, 1x1 maps, half precision, constant channels; and
 arguments that must be refused with a message naming the value."""
+
 import math
 
 import pytest
@@ -10,7 +11,9 @@ from evalnorm_det import EvalNorm2d, evalnorm_mode
 from helpers import randomize_batchnorm
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"frozen": True}, {"norm_batch_size": 2, "microbatch": True}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"frozen": True}, {"norm_batch_size": 2, "microbatch": True}]
+)
 def test_zero_samples(kwargs):
     en = randomize_batchnorm(EvalNorm2d(4, **kwargs))
     state = {k: v.clone() for k, v in en.state_dict().items() if k != "num_batches_tracked"}

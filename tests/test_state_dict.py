@@ -1,4 +1,5 @@
 """State dicts: round trips, and BatchNorm/SyncBatchNorm/FrozenBatchNorm2d checkpoints loaded strictly."""
+
 import logging
 
 import pytest
@@ -44,7 +45,9 @@ def test_batchnorm_checkpoints_load_strictly(source, monkeypatch, caplog):
     for src, dst in zip(model, target):
         for name in ("weight", "bias", "running_mean", "running_var"):
             assert torch.equal(getattr(src, name), getattr(dst, name)), name
-    assert target[0].alpha.item() == pytest.approx(1 / 4) and target[1].beta.item() == pytest.approx(1 / 16)
+    assert target[0].alpha.item() == pytest.approx(1 / 4) and target[
+        1
+    ].beta.item() == pytest.approx(1 / 16)
     messages = [r.getMessage() for r in caplog.records if "no alpha/beta" in r.getMessage()]
     assert len(messages) == 1 and "'0'" in messages[0]
 
@@ -52,4 +55,6 @@ def test_batchnorm_checkpoints_load_strictly(source, monkeypatch, caplog):
 def test_folded_batchnorm_is_not_silently_accepted():
     # A Caffe2-style checkpoint: scale and shift only, no running statistics.
     with pytest.raises(RuntimeError, match="running_mean"):
-        EvalNorm2d(4).load_state_dict({"weight": torch.ones(4), "bias": torch.zeros(4)}, strict=True)
+        EvalNorm2d(4).load_state_dict(
+            {"weight": torch.ones(4), "bias": torch.zeros(4)}, strict=True
+        )

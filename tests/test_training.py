@@ -1,5 +1,6 @@
 """Training: EvalNorm2d is BatchNorm2d, bit for bit; microbatch is BatchNorm2d on each group;
 frozen is FrozenBatchNorm2d."""
+
 import pytest
 import torch
 from detectron2.layers import FrozenBatchNorm2d
@@ -77,7 +78,9 @@ def test_microbatch_of_one_group_is_batchnorm_bitwise():
 def test_frozen_trains_like_frozen_batchnorm():
     en = randomize_batchnorm(EvalNorm2d(6, frozen=True))
     frozen_bn = FrozenBatchNorm2d(6)
-    frozen_bn.load_state_dict({k: v for k, v in en.state_dict().items() if "logit" not in k and "tracked" not in k})
+    frozen_bn.load_state_dict(
+        {k: v for k, v in en.state_dict().items() if "logit" not in k and "tracked" not in k}
+    )
     before = {k: v.clone() for k, v in en.state_dict().items()}
     en.train(), frozen_bn.train()
     en.estimate_online = True

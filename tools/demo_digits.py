@@ -10,6 +10,7 @@ of test errors (mean and spread over seeds) is printed.
 
     python tools/demo_digits.py              # about 2 minutes on 2 CPU cores
 """
+
 import argparse
 import time
 import warnings
@@ -61,7 +62,9 @@ class Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
@@ -89,14 +92,20 @@ def train(norm_batch_size, data, seed, args):
     model = convert_to_evalnorm(small_resnet(), norm_batch_size, microbatch=True)
     steps = args.epochs * (len(train_y) // args.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps, pct_start=0.15)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, args.lr, total_steps=steps, pct_start=0.15
+    )
     estimator = OnlineEstimator(model, lr=args.estimator_lr)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(args.epochs):
         order = torch.randperm(len(train_y), generator=generator)
-        for batch in order[: len(order) // args.batch_size * args.batch_size].split(args.batch_size):
-            loss = F.cross_entropy(model(augment(train_x[batch], generator, args.lighting)), train_y[batch])
+        for batch in order[: len(order) // args.batch_size * args.batch_size].split(
+            args.batch_size
+        ):
+            loss = F.cross_entropy(
+                model(augment(train_x[batch], generator, args.lighting)), train_y[batch]
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -116,13 +125,21 @@ def test_errors(model, test_x, test_y):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small-batch", type=int, default=2, help="normalization microbatch B (default 2)")
-    parser.add_argument("--batch-size", type=int, default=64, help="SGD batch, also the large B (default 64)")
+    parser.add_argument(
+        "--small-batch", type=int, default=2, help="normalization microbatch B (default 2)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="SGD batch, also the large B (default 64)"
+    )
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--estimator-lr", type=float, default=0.02, help="OnlineEstimator's Adam lr")
+    parser.add_argument(
+        "--estimator-lr", type=float, default=0.02, help="OnlineEstimator's Adam lr"
+    )
     parser.add_argument("--test-size", type=int, default=597)
-    parser.add_argument("--lighting", type=float, default=2.0, help="lighting variation, train and test")
+    parser.add_argument(
+        "--lighting", type=float, default=2.0, help="lighting variation, train and test"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -156,7 +173,9 @@ def main(argv=None):
             f"gap between EMA evaluation at B = {args.small_batch} and at B = {args.batch_size}."
         )
     else:
-        print(f"\nEMA evaluation at B = {args.small_batch} lost nothing against B = {args.batch_size} here.")
+        print(
+            f"\nEMA evaluation at B = {args.small_batch} lost nothing against B = {args.batch_size} here."
+        )
 
 
 def seeded_data(seed, args):
@@ -164,6 +183,7 @@ def seeded_data(seed, args):
     train_x, train_y, test_x, test_y = digits(args.test_size, seed)
     test_x = lighting(test_x, torch.Generator().manual_seed(seed + 1000), args.lighting)
     return train_x, train_y, test_x, test_y
+
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """``EvalNorm2d``: BatchNorm in training, corrected statistics at evaluation."""
+
 import logging
-import math
 import numbers
 
 import torch
@@ -36,11 +36,15 @@ def coefficient_value(value, norm_batch_size, name="alpha"):
                 f"{name}={value!r}: expected a number in [0, 1], 'rule_of_thumb', 'simple' or 'ema'"
             )
         if norm_batch_size is None:
-            raise ValueError(f"{name}={value!r} needs the normalization batch size: norm_batch_size is None")
+            raise ValueError(
+                f"{name}={value!r} needs the normalization batch size: norm_batch_size is None"
+            )
         return 1.0 / norm_batch_size**2 if value == "rule_of_thumb" else 1.0 / norm_batch_size
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a single number, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a single number, got a tensor of shape {tuple(value.shape)}"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -94,20 +98,29 @@ class EvalNorm2d(nn.BatchNorm2d):
     ):
         super().__init__(num_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
         if norm_batch_size is not None and (
-            isinstance(norm_batch_size, bool) or not isinstance(norm_batch_size, int) or norm_batch_size < 1
+            isinstance(norm_batch_size, bool)
+            or not isinstance(norm_batch_size, int)
+            or norm_batch_size < 1
         ):
-            raise ValueError(f"norm_batch_size must be an integer >= 1 or None, got {norm_batch_size!r}")
+            raise ValueError(
+                f"norm_batch_size must be an integer >= 1 or None, got {norm_batch_size!r}"
+            )
         if microbatch and norm_batch_size is None:
-            raise ValueError("microbatch=True needs norm_batch_size (the samples in each group), got None")
+            raise ValueError(
+                "microbatch=True needs norm_batch_size (the samples in each group), got None"
+            )
         self.norm_batch_size = norm_batch_size
         self.microbatch = bool(microbatch)
         self.frozen = bool(frozen)
         if self.frozen:
             self.weight.requires_grad_(False)
             self.bias.requires_grad_(False)
-        factory = {"device": device, "dtype": torch.float32 if dtype is None else dtype}
-        self.alpha_logit = nn.Parameter(torch.zeros((), **factory), requires_grad=False)
-        self.beta_logit = nn.Parameter(torch.zeros((), **factory), requires_grad=False)
+        self.alpha_logit = nn.Parameter(
+            torch.zeros((), device=device, dtype=dtype), requires_grad=False
+        )
+        self.beta_logit = nn.Parameter(
+            torch.zeros((), device=device, dtype=dtype), requires_grad=False
+        )
         if init is None:
             init = "rule_of_thumb" if norm_batch_size is not None else "ema"
         self.set_coefficients(init)
@@ -158,7 +171,9 @@ class EvalNorm2d(nn.BatchNorm2d):
             # The EMA that evaluation would use for these samples: before they update it.
             mu_e, var_e = self.running_mean.detach().clone(), self.running_var.detach().clone()
         if self.frozen:
-            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            y = F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
         elif group_size is not None:
             y = self._microbatch_forward(x, group_size)
         else:
@@ -187,7 +202,9 @@ class EvalNorm2d(nn.BatchNorm2d):
         stats_dtype = self.running_mean.dtype
         means = torch.zeros(k * c, device=x.device, dtype=stats_dtype)
         variances = torch.ones(k * c, device=x.device, dtype=stats_dtype)
-        y = F.batch_norm(xg, means, variances, self.weight.repeat(k), self.bias.repeat(k), True, 1.0, self.eps)
+        y = F.batch_norm(
+            xg, means, variances, self.weight.repeat(k), self.bias.repeat(k), True, 1.0, self.eps
+        )
         y = y.view(group_size, k, c, h, w).transpose(0, 1).reshape(n, c, h, w)
         with torch.no_grad():
             for mean, var in zip(means.view(k, c), variances.view(k, c)):
@@ -257,7 +274,9 @@ class EvalNorm2d(nn.BatchNorm2d):
         grad, self._aux_grad = self._aux_grad, None
         return grad
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # BatchNorm2d, SyncBatchNorm and FrozenBatchNorm2d state dicts have no alpha/beta
         # (FrozenBatchNorm2d has no num_batches_tracked either): keep this layer's values.
         filled = []

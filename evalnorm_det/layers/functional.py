@@ -4,6 +4,7 @@ Shapes: ``x`` is (N, C, H, W); per-sample statistics are (N, C); running (EMA) s
 (C,); ``alpha`` and ``beta`` are scalars (Python numbers or 0-d tensors) in [0, 1].
 Every function computes in the dtype of its inputs; the layer passes float32 (or float64).
 """
+
 import torch
 
 __all__ = [
@@ -17,8 +18,11 @@ __all__ = [
 
 def sample_statistics(x):
     """Mean and biased variance of each sample over its spatial positions: (N, C) each."""
-    var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
-    return mean, var
+    n, c, h, w = x.shape
+    # BatchNorm's own statistics kernel on a (1, N*C, H, W) view, where each (sample, channel)
+    # is a channel: as stable as var_mean and several times faster on CPU.
+    mean, var = torch.batch_norm_update_stats(x.reshape(1, n * c, h, w), None, None, 1.0)
+    return mean.view(n, c), var.view(n, c)
 
 
 def normalization_batch_statistics(mu_i, var_i, group_size=None):
@@ -53,17 +57,13 @@ def evalnorm_statistics(mu_i, var_i, mu_e, var_e, alpha, beta):
 def evalnorm(x, running_mean, running_var, weight, bias, alpha, beta, eps):
     """EvalNorm's evaluation output: ``weight * (x - mu_hat) / sqrt(var_hat + eps) + bias``.
 
-    ``x`` must already be in the computation dtype; ``weight``/``bias`` may be None.
+    ``x`` must already be in the computation dtype. The mean is subtracted before scaling:
+    folding it into a shift would cancel catastrophically where var_hat + eps is tiny.
     """
     mu_i, var_i = sample_statistics(x)
     mu_hat, var_hat = evalnorm_statistics(mu_i, var_i, running_mean, running_var, alpha, beta)
-    scale = torch.rsqrt(var_hat + eps)
-    if weight is not None:
-        scale = scale * weight
-    y = (x - mu_hat[:, :, None, None]) * scale[:, :, None, None]
-    if bias is not None:
-        y = y + bias[:, None, None]
-    return y
+    scale = torch.rsqrt(var_hat + eps) * weight
+    return torch.addcmul(bias[:, None, None], x - mu_hat[:, :, None, None], scale[:, :, None, None])
 
 
 def auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, beta, eps):

@@ -1,4 +1,5 @@
 """``get_norm``: detectron2's norm names plus EvalNorm's."""
+
 import functools
 
 from detectron2.layers import get_norm as d2_get_norm
@@ -25,7 +26,9 @@ def get_norm(norm, out_channels, *, norm_batch_size=None):
         nn.Module or None.
     """
     if norm in EVALNORM_NAMES:
-        norm = functools.partial(EvalNorm2d, norm_batch_size=norm_batch_size, frozen=norm == "FrozenEN")
+        norm = functools.partial(
+            EvalNorm2d, norm_batch_size=norm_batch_size, frozen=norm == "FrozenEN"
+        )
     elif isinstance(norm, str) and norm:
         try:
             return d2_get_norm(norm, out_channels)

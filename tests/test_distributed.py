@@ -1,0 +1,74 @@
+"""OnlineEstimator under torch.distributed (2 CPU processes, GLOO): ranks stay identical."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def batches():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 3, 5, 5, generator=g) * (1 + r) + r for r in range(2)]
+
+
+def make_layer():
+    from evalnorm_det import EvalNorm2d
+    from helpers import randomize_batchnorm
+
+    return randomize_batchnorm(EvalNorm2d(3, norm_batch_size=2))
+
+
+def worker(rank, port, out_dir):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from evalnorm_det import OnlineEstimator
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        layer = make_layer()
+        # SGD: a step proportional to the gradient (Adam's first step is lr * sign(gradient)).
+        estimator = OnlineEstimator(
+            torch.nn.Sequential(layer), lr=1.0, optimizer="sgd", momentum=0.0
+        )
+        layer(batches()[rank])  # each rank its own samples and its own statistics
+        estimator.step()
+        torch.save(layer.state_dict(), os.path.join(out_dir, f"rank{rank}.pth"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_average_gradients(tmp_path):
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in range(2)]
+    assert torch.equal(ranks[0]["alpha_logit"], ranks[1]["alpha_logit"])
+    assert torch.equal(ranks[0]["beta_logit"], ranks[1]["beta_logit"])
+    # Statistics stay per process, as in the paper: each rank normalized its own batch.
+    assert not torch.equal(ranks[0]["running_mean"], ranks[1]["running_mean"])
+
+    # One process, the two gradients averaged by hand, the same optimizer step.
+    layer = make_layer()
+    layer.estimate_online = True
+    grads = []
+    for x in batches():
+        replica = make_layer()
+        replica.estimate_online = True
+        replica(x)
+        grads.append(replica.take_aux_grad())
+    mean = (grads[0] + grads[1]) / 2
+    layer.alpha_logit.grad, layer.beta_logit.grad = mean[0].clone(), mean[1].clone()
+    torch.optim.SGD([layer.alpha_logit, layer.beta_logit], lr=1.0).step()
+    torch.testing.assert_close(
+        ranks[0]["alpha_logit"], layer.alpha_logit.detach(), rtol=1e-6, atol=1e-7
+    )
+    torch.testing.assert_close(
+        ranks[0]["beta_logit"], layer.beta_logit.detach(), rtol=1e-6, atol=1e-7
+    )
