@@ -8,7 +8,7 @@ lighting (contrast, brightness) in training and in the held-out set, as photogra
 trained model is evaluated under every normalization mode on the held-out digits; one table
 of test errors (mean and spread over seeds) is printed.
 
-    python tools/demo_digits.py              # about 2 minutes on 2 CPU cores
+    python tools/demo_digits.py              # about 1.5 minutes on 2 CPU cores
 """
 
 import argparse
