@@ -23,7 +23,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) tools/demo_digits.py
+	$(PY) tools/train_net.py --config demo/evalnorm_digits_2img.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -18,7 +18,10 @@ except ImportError as e:
         "CPU-capable sal-detectron2 snapshot."
     ) from e
 
+from . import data, modeling  # noqa: F401  (registers datasets, backbone and ROI heads)
+from .config import add_evalnorm_config, check_evalnorm_config
 from .convert import convert_to_batchnorm, convert_to_evalnorm
+from .engine import EvalNormCheckpointer, OnlineEstimationHook, Trainer
 from .estimation import OnlineEstimator
 from .layers import EvalNorm2d, get_norm
 from .modes import evalnorm_mode
@@ -27,9 +30,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EvalNorm2d",
+    "EvalNormCheckpointer",
+    "OnlineEstimationHook",
     "OnlineEstimator",
-    "convert_to_evalnorm",
+    "Trainer",
+    "add_evalnorm_config",
+    "check_evalnorm_config",
     "convert_to_batchnorm",
+    "convert_to_evalnorm",
     "evalnorm_mode",
     "get_norm",
 ]

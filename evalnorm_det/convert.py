@@ -6,7 +6,7 @@ from torch import nn
 
 from .layers import EvalNorm2d
 
-__all__ = ["convert_to_evalnorm", "convert_to_batchnorm", "BATCHNORM_TYPES"]
+__all__ = ["BATCHNORM_TYPES", "convert_to_batchnorm", "convert_to_evalnorm"]
 
 BATCHNORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torchvision
 from detectron2.layers import FrozenBatchNorm2d
+from helpers import randomize_batchnorm
 from torch import nn
 
 from evalnorm_det import EvalNorm2d, convert_to_batchnorm, convert_to_evalnorm, evalnorm_mode
-from helpers import randomize_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +124,13 @@ def test_mode_context_restores_and_checks():
     with evalnorm_mode(model, "en"):
         assert [m.mode for m in model] == ["en", "en"]
     assert [m.mode for m in model] == ["en", "ema"]
-    with pytest.raises(ValueError, match="needs norm_batch_size.*'0'"):
-        with evalnorm_mode(model, "rule_of_thumb"):
-            pass
-    with pytest.raises(ValueError, match="no EvalNorm2d"):
-        with evalnorm_mode(nn.Sequential(nn.BatchNorm2d(3)), "ema"):
-            pass
+    with (
+        pytest.raises(ValueError, match="needs norm_batch_size.*'0'"),
+        evalnorm_mode(model, "rule_of_thumb"),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="no EvalNorm2d"),
+        evalnorm_mode(nn.Sequential(nn.BatchNorm2d(3)), "ema"),
+    ):
+        pass

@@ -14,8 +14,9 @@ def batches():
 
 
 def make_layer():
-    from evalnorm_det import EvalNorm2d
     from helpers import randomize_batchnorm
+
+    from evalnorm_det import EvalNorm2d
 
     return randomize_batchnorm(EvalNorm2d(3, norm_batch_size=2))
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_batchnorm, reference_evalnorm
 from torch import nn
 
 from evalnorm_det import EvalNorm2d, evalnorm_mode
-from helpers import randomize_batchnorm, reference_evalnorm
 
 
 def make_layer(c=5, dtype=torch.float32, seed=0, **kwargs):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import class_images, randomize_batchnorm, reference_auxiliary_loss, small_cnn
 
 from evalnorm_det import EvalNorm2d, OnlineEstimator, convert_to_evalnorm
-from helpers import class_images, randomize_batchnorm, reference_auxiliary_loss, small_cnn
 
 
 @pytest.mark.parametrize("group_size,frozen", [(None, False), (2, False), (None, True)])
@@ -29,7 +29,7 @@ def test_gradient_matches_finite_differences(group_size, frozen):
     grad = en.take_aux_grad().numpy()
 
     def loss(alpha_logit, beta_logit):
-        sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+        sigmoid = lambda v: 1 / (1 + np.exp(-v))
         return reference_auxiliary_loss(
             x.numpy(), mean, var, sigmoid(alpha_logit), sigmoid(beta_logit), en.eps, group_size
         )

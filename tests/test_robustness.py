@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from helpers import randomize_batchnorm
 from torch import nn
 
 from evalnorm_det import EvalNorm2d, evalnorm_mode
-from helpers import randomize_batchnorm
 
 
 @pytest.mark.parametrize(
@@ -113,9 +113,8 @@ def test_microbatch_needs_batch_size():
 
 def test_bad_mode():
     en = EvalNorm2d(3).eval()
-    with pytest.raises(ValueError, match="'fast'"):
-        with evalnorm_mode(en, "fast"):
-            pass
+    with pytest.raises(ValueError, match="'fast'"), evalnorm_mode(en, "fast"):
+        pass
     en.mode = "fast"
     with pytest.raises(ValueError, match="'fast'"):
         en(torch.randn(1, 3, 2, 2))

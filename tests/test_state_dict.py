@@ -5,11 +5,11 @@ import logging
 import pytest
 import torch
 from detectron2.layers import FrozenBatchNorm2d
+from helpers import randomize_batchnorm
 from torch import nn
 
 import evalnorm_det.layers.evalnorm as evalnorm_module
 from evalnorm_det import EvalNorm2d
-from helpers import randomize_batchnorm
 
 
 def test_round_trip():

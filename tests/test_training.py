@@ -4,10 +4,10 @@ frozen is FrozenBatchNorm2d."""
 import pytest
 import torch
 from detectron2.layers import FrozenBatchNorm2d
+from helpers import randomize_batchnorm
 from torch import nn
 
 from evalnorm_det import EvalNorm2d
-from helpers import randomize_batchnorm
 
 
 def twins(momentum=0.1, **kwargs):

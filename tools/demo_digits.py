@@ -22,7 +22,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated")  # from detectron2's imports
-from evalnorm_det import OnlineEstimator, convert_to_evalnorm, evalnorm_mode  # noqa: E402
+from evalnorm_det import OnlineEstimator, convert_to_evalnorm, evalnorm_mode
 
 MODES = ("ema", "en", "rule_of_thumb", "simple")
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import functional as EF
 
-__all__ = ["EvalNorm2d", "EVAL_MODES", "coefficient_value"]
+__all__ = ["EVAL_MODES", "EvalNorm2d", "coefficient_value"]
 
 logger = logging.getLogger(__name__)
 

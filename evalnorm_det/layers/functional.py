@@ -8,11 +8,11 @@ Every function computes in the dtype of its inputs; the layer passes float32 (or
 import torch
 
 __all__ = [
-    "sample_statistics",
-    "normalization_batch_statistics",
-    "evalnorm_statistics",
-    "evalnorm",
     "auxiliary_loss",
+    "evalnorm",
+    "evalnorm_statistics",
+    "normalization_batch_statistics",
+    "sample_statistics",
 ]
 
 

@@ -6,7 +6,7 @@ from detectron2.layers import get_norm as d2_get_norm
 
 from .evalnorm import EvalNorm2d
 
-__all__ = ["get_norm", "EVALNORM_NAMES"]
+__all__ = ["EVALNORM_NAMES", "get_norm"]
 
 # "EN": trainable BatchNorm in training, EvalNorm at evaluation (regimes a, b, d).
 # "FrozenEN": statistics and affine frozen as FrozenBN, EvalNorm at evaluation (regime c).

@@ -1,0 +1,63 @@
+"""``OnlineEstimationHook``: estimate alpha/beta while a detectron2 trainer trains."""
+
+import torch
+from detectron2.engine import HookBase
+
+from ..estimation import OnlineEstimator
+
+__all__ = ["OnlineEstimationHook"]
+
+
+class OnlineEstimationHook(HookBase):
+    """Wraps :class:`OnlineEstimator` for detectron2's training loop.
+
+    Estimation is on while training runs. After each iteration's model step, alpha and beta
+    take one step of their own optimizer (the model's optimizer never holds them), their
+    gradients averaged over processes. Every ``log_period`` iterations every layer's alpha
+    and beta go to the event storage as ``evalnorm_alpha/<layer>`` and ``evalnorm_beta/<layer>``
+    (so TensorBoard and metrics.json show them). The estimator's optimizer state is saved
+    and restored with the trainer's checkpoints (``state_dict``).
+
+    Place it before the checkpointer and writers, as ``Trainer.build_hooks`` does, so a
+    checkpoint or a log line at iteration i includes iteration i's estimation step.
+    """
+
+    def __init__(self, model, lr=0.01, optimizer="adam", momentum=0.9, log_period=20):
+        self.estimator = OnlineEstimator(model, lr=lr, optimizer=optimizer, momentum=momentum)
+        self.estimator.enabled = False
+        self.log_period = log_period
+
+    def before_train(self):
+        self.estimator.enabled = True
+
+    def after_train(self):
+        self.estimator.enabled = False
+
+    def before_step(self):
+        # Only this iteration's forward counts: drop what other training-mode forwards left
+        # since the last step (PreciseBN's passes, for example).
+        for _, m in self.estimator.layers:
+            m.take_aux_grad()
+
+    def after_step(self):
+        self.estimator.step()
+        next_iter = self.trainer.iter + 1
+        if next_iter % self.log_period == 0 or next_iter == self.trainer.max_iter:
+            self._log()
+
+    def _log(self):
+        layers = self.estimator.layers
+        # One device-to-host copy for all layers.
+        logits = torch.stack([torch.stack([m.alpha_logit, m.beta_logit]) for _, m in layers])
+        values = torch.sigmoid(logits.detach().float()).tolist()
+        scalars = {}
+        for (name, _), (alpha, beta) in zip(layers, values):
+            scalars[f"evalnorm_alpha/{name}"] = alpha
+            scalars[f"evalnorm_beta/{name}"] = beta
+        self.trainer.storage.put_scalars(**scalars, smoothing_hint=False)
+
+    def state_dict(self):
+        return self.estimator.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.estimator.load_state_dict(state_dict)

@@ -1,0 +1,148 @@
+"""``Trainer``: detectron2's ``DefaultTrainer`` with EvalNorm's hook, checks and evaluation."""
+
+import functools
+import json
+import logging
+import os
+
+from detectron2.data import (
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    detection_utils,
+)
+from detectron2.data import transforms as T
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+from ..config import norm_batch_sizes
+from ..layers import EvalNorm2d
+from ..modeling import reset_norms
+from .checkpoint import EvalNormCheckpointer
+from .evaluation import evaluate_modes, format_table
+from .hooks import OnlineEstimationHook
+
+__all__ = ["Trainer", "build_augmentation"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_augmentation(cfg, is_train):
+    """detectron2's augmentation, or a fixed ``INPUT.SQUARE_SIZE`` square resize (the paper's
+    600x600) followed, in training, by detectron2's random flip."""
+    if cfg.INPUT.SQUARE_SIZE <= 0:
+        return detection_utils.build_augmentation(cfg, is_train)
+    augs = [T.Resize((cfg.INPUT.SQUARE_SIZE, cfg.INPUT.SQUARE_SIZE))]
+    if is_train and cfg.INPUT.RANDOM_FLIP != "none":
+        augs.append(
+            T.RandomFlip(
+                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
+            )
+        )
+    return augs
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` for EvalNorm models.
+
+    - estimates alpha/beta online with :class:`OnlineEstimationHook` when
+      ``MODEL.EVALNORM.ONLINE.ENABLED`` and the model has EvalNorm layers (alpha/beta have
+      ``requires_grad=False``, so ``build_optimizer`` leaves them out);
+    - loads checkpoints with :class:`EvalNormCheckpointer` (no folded BN into EvalNorm);
+    - regime (b): resets the norms after loading ``MODEL.WEIGHTS`` when
+      ``MODEL.EVALNORM.RESET_NORM``;
+    - ``test`` evaluates every mode of ``TEST.EVALNORM_MODES`` with COCO AP and writes the
+      table to ``OUTPUT_DIR/evalnorm_table.txt`` and ``evalnorm_results.json``.
+    """
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ calls this after making its checkpointer: swap in ours
+        # before the PeriodicCheckpointer hook captures it.
+        self.checkpointer = EvalNormCheckpointer(
+            self.checkpointer.model,
+            self.cfg.OUTPUT_DIR,
+            trainer=self.checkpointer.checkpointables["trainer"],
+        )
+        hooks = super().build_hooks()
+        online = self.cfg.MODEL.EVALNORM.ONLINE
+        if online.ENABLED and any(isinstance(m, EvalNorm2d) for m in self.model.modules()):
+            hook = OnlineEstimationHook(
+                self.model,
+                lr=online.LR,
+                optimizer=online.OPTIMIZER,
+                momentum=online.MOMENTUM,
+                log_period=online.LOG_PERIOD,
+            )
+            hooks.insert(2, hook)  # after IterationTimer and LRScheduler, before checkpoints
+        return hooks
+
+    def resume_or_load(self, resume=True):
+        fresh_start = not (resume and self.checkpointer.has_checkpoint())
+        reset = fresh_start and self.cfg.MODEL.EVALNORM.RESET_NORM
+        self.checkpointer.require_statistics = not reset
+        super().resume_or_load(resume=resume)
+        self.checkpointer.require_statistics = True
+        if reset:
+            count = reset_norms(self.model)
+            logger.info("Regime (b): reset the affine and statistics of %d norm layers", count)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        mapper = DatasetMapper(cfg, is_train=True, augmentations=build_augmentation(cfg, True))
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        mapper = DatasetMapper(cfg, is_train=False, augmentations=build_augmentation(cfg, False))
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """``{mode: {dataset: results}}`` (``{mode: results}`` for one test dataset) for every
+        mode of ``TEST.EVALNORM_MODES``; prints and saves one table per dataset."""
+        if evaluators is not None:
+            raise ValueError("Trainer.test builds one evaluator per mode: pass evaluators=None")
+        images_per_gpu, _ = norm_batch_sizes(cfg)
+        results = {}
+        for dataset_name in cfg.DATASETS.TEST:
+            evaluate = functools.partial(cls._evaluate_mode, cfg, model, dataset_name)
+            per_mode = evaluate_modes(model, cfg.TEST.EVALNORM_MODES, evaluate)
+            for mode, res in per_mode.items():
+                results.setdefault(mode, {})[dataset_name] = res
+            if comm.is_main_process():
+                title = (
+                    f"{dataset_name}: COCO box AP (%), {images_per_gpu} images per GPU in training"
+                )
+                cls._save_table(cfg, dataset_name, format_table(per_mode, title), per_mode)
+        if len(cfg.DATASETS.TEST) == 1:
+            results = {mode: r[cfg.DATASETS.TEST[0]] for mode, r in results.items()}
+        return results
+
+    @classmethod
+    def _evaluate_mode(cls, cfg, model, dataset_name, mode):
+        """COCO results of ``model`` (already in ``mode``) on ``dataset_name``."""
+        folder = os.path.join(cfg.OUTPUT_DIR, "inference", mode, dataset_name)
+        loader = cls.build_test_loader(cfg, dataset_name)
+        res = inference_on_dataset(model, loader, cls.build_evaluator(cfg, dataset_name, folder))
+        if comm.is_main_process():
+            logger.info("%s, mode %s:", dataset_name, mode)
+            print_csv_format(res)
+        return res
+
+    @staticmethod
+    def _save_table(cfg, dataset_name, table, per_mode):
+        logger.info("EvalNorm evaluation modes:\n%s", table)
+        print(table, flush=True)
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        suffix = "" if len(cfg.DATASETS.TEST) == 1 else f"_{dataset_name}"
+        with open(os.path.join(cfg.OUTPUT_DIR, f"evalnorm_table{suffix}.txt"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(cfg.OUTPUT_DIR, f"evalnorm_results{suffix}.json"), "w") as f:
+            json.dump(per_mode, f, indent=2)

@@ -1,0 +1,72 @@
+"""The C4 ResNet backbone (stem, res2-res4) with EvalNorm, registered in BACKBONE_REGISTRY."""
+
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
+
+from ..config import norm_batch_sizes
+from .norms import freeze_norms, norm_factory
+
+__all__ = ["BLOCKS_PER_STAGE", "build_evalnorm_resnet_c4_backbone"]
+
+# Residual blocks in res2..res5 for each MODEL.RESNETS.DEPTH.
+BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+@BACKBONE_REGISTRY.register()
+def build_evalnorm_resnet_c4_backbone(cfg, input_shape):
+    """detectron2's ResNet stem and res2-res4, normalized by ``MODEL.EVALNORM.BACKBONE_NORM``
+    with B = images per GPU. ``MODEL.RESNETS`` sets the architecture as for detectron2's
+    ``build_resnet_backbone``, with the same module names (so the same checkpoints), except
+    ``NORM``, which is ignored, and deformable convolutions, which are not supported.
+    ``MODEL.BACKBONE.FREEZE_AT`` keeps its meaning (1: stem, 2: stem and res2, ...); frozen EN
+    layers become FrozenEN, not FrozenBN, so they keep EvalNorm's evaluation."""
+    r = cfg.MODEL.RESNETS
+    if r.DEPTH not in BLOCKS_PER_STAGE:
+        raise ValueError(
+            f"MODEL.RESNETS.DEPTH={r.DEPTH}: expected one of {sorted(BLOCKS_PER_STAGE)}"
+        )
+    if not set(r.OUT_FEATURES) <= {"stem", "res2", "res3", "res4"}:
+        raise ValueError(
+            f"MODEL.RESNETS.OUT_FEATURES={list(r.OUT_FEATURES)}: the C4 backbone ends at res4 "
+            "(res5 belongs to EvalNormRes5ROIHeads); use ['res4']"
+        )
+    if any(r.DEFORM_ON_PER_STAGE):
+        raise ValueError(
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE: deformable convolutions are unsupported"
+        )
+    images_per_gpu, _ = norm_batch_sizes(cfg)
+    norm = norm_factory(cfg, cfg.MODEL.EVALNORM.BACKBONE_NORM, images_per_gpu)
+    stem = BasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, norm=norm)
+    in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
+    bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
+    stages = []
+    for idx, num_blocks in enumerate(BLOCKS_PER_STAGE[r.DEPTH][:3]):
+        kwargs = {}
+        if r.DEPTH >= 50:
+            kwargs = {
+                "bottleneck_channels": bottleneck_channels,
+                "num_groups": r.NUM_GROUPS,
+                "stride_in_1x1": r.STRIDE_IN_1X1,
+            }
+        stages.append(
+            ResNet.make_stage(
+                BottleneckBlock if r.DEPTH >= 50 else BasicBlock,
+                num_blocks,
+                stride_per_block=[1 if idx == 0 else 2] + [1] * (num_blocks - 1),
+                in_channels=in_channels,
+                out_channels=out_channels,
+                norm=norm,
+                **kwargs,
+            )
+        )
+        in_channels, out_channels, bottleneck_channels = (
+            out_channels,
+            out_channels * 2,
+            bottleneck_channels * 2,
+        )
+    resnet = ResNet(stem, stages, out_features=r.OUT_FEATURES)
+    freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
+    for idx, module in enumerate([resnet.stem] + list(resnet.stages), start=1):
+        if freeze_at >= idx:
+            freeze_norms(module)
+    return resnet
