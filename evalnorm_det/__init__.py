@@ -21,7 +21,7 @@ except ImportError as e:
 from . import data, modeling  # noqa: F401  (registers datasets, backbone and ROI heads)
 from .config import add_evalnorm_config, check_evalnorm_config
 from .convert import convert_to_batchnorm, convert_to_evalnorm
-from .engine import EvalNormCheckpointer, OnlineEstimationHook, Trainer
+from .engine import EvalNormCheckpointer, MissingStatisticsError, OnlineEstimationHook, Trainer
 from .estimation import OnlineEstimator
 from .layers import EvalNorm2d, get_norm
 from .modes import evalnorm_mode
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EvalNorm2d",
     "EvalNormCheckpointer",
+    "MissingStatisticsError",
     "OnlineEstimationHook",
     "OnlineEstimator",
     "Trainer",

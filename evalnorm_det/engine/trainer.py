@@ -67,9 +67,10 @@ class Trainer(DefaultTrainer):
         )
         hooks = super().build_hooks()
         online = self.cfg.MODEL.EVALNORM.ONLINE
-        if online.ENABLED and any(isinstance(m, EvalNorm2d) for m in self.model.modules()):
+        model = self.checkpointer.model  # not DDP-wrapped: layer names as in the checkpoints
+        if online.ENABLED and any(isinstance(m, EvalNorm2d) for m in model.modules()):
             hook = OnlineEstimationHook(
-                self.model,
+                model,
                 lr=online.LR,
                 optimizer=online.OPTIMIZER,
                 momentum=online.MOMENTUM,
@@ -82,8 +83,10 @@ class Trainer(DefaultTrainer):
         fresh_start = not (resume and self.checkpointer.has_checkpoint())
         reset = fresh_start and self.cfg.MODEL.EVALNORM.RESET_NORM
         self.checkpointer.require_statistics = not reset
-        super().resume_or_load(resume=resume)
-        self.checkpointer.require_statistics = True
+        try:
+            super().resume_or_load(resume=resume)
+        finally:
+            self.checkpointer.require_statistics = True
         if reset:
             count = reset_norms(self.model)
             logger.info("Regime (b): reset the affine and statistics of %d norm layers", count)
