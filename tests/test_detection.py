@@ -270,3 +270,12 @@ def test_hook_drops_gradients_from_forwards_outside_an_iteration():
     assert all(m.take_aux_grad() is None for m in layers)
     hook.after_train()
     assert not any(m.estimate_online for m in layers)
+
+
+def test_trainer_checks_the_config_and_a_missing_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match=r"MODEL\.EVALNORM\.ROI_HEAD_NORM"):
+        Trainer(tiny_cfg(tmp_path, "MODEL.EVALNORM.ROI_HEAD_NORM", "EvalNorm"))
+    cfg = tiny_cfg(tmp_path, "MODEL.WEIGHTS", str(tmp_path / "missing.pth"))
+    trainer = Trainer(cfg)
+    with pytest.raises(FileNotFoundError, match="missing.pth.*convert_imagenet_checkpoint"):
+        trainer.resume_or_load(resume=False)

@@ -16,7 +16,7 @@ from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from ..config import norm_batch_sizes
+from ..config import check_evalnorm_config, norm_batch_sizes
 from ..layers import EvalNorm2d
 from ..modeling import reset_norms
 from .checkpoint import EvalNormCheckpointer
@@ -56,6 +56,10 @@ class Trainer(DefaultTrainer):
     - ``test`` evaluates every mode of ``TEST.EVALNORM_MODES`` with COCO AP and writes the
       table to ``OUTPUT_DIR/evalnorm_table.txt`` and ``evalnorm_results.json``.
     """
+
+    def __init__(self, cfg):
+        check_evalnorm_config(cfg)  # before anything is built
+        super().__init__(cfg)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ calls this after making its checkpointer: swap in ours
