@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from detection_helpers import tiny_cfg
+from detectron2.data import transforms as T
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
@@ -18,6 +19,7 @@ from evalnorm_det import (
     check_evalnorm_config,
     convert_to_evalnorm,
 )
+from evalnorm_det.engine import build_augmentation
 from evalnorm_det.modeling import reset_norms
 
 
@@ -279,3 +281,13 @@ def test_trainer_checks_the_config_and_a_missing_checkpoint_says_what_to_do(tmp_
     trainer = Trainer(cfg)
     with pytest.raises(FileNotFoundError, match="missing.pth.*convert_imagenet_checkpoint"):
         trainer.resume_or_load(resume=False)
+
+
+def test_square_size_replaces_only_the_resize(tmp_path):
+    cfg = tiny_cfg(tmp_path, "INPUT.SQUARE_SIZE", "96", "INPUT.RANDOM_FLIP", "vertical")
+    train_augs, test_augs = build_augmentation(cfg, True), build_augmentation(cfg, False)
+    assert isinstance(train_augs[0], T.Resize) and train_augs[0].shape == (96, 96)
+    assert isinstance(train_augs[1], T.RandomFlip) and train_augs[1].vertical
+    assert len(test_augs) == 1 and test_augs[0].shape == (96, 96)
+    cfg = tiny_cfg(tmp_path, "INPUT.SQUARE_SIZE", "0")
+    assert isinstance(build_augmentation(cfg, False)[0], T.ResizeShortestEdge)

@@ -29,18 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 def build_augmentation(cfg, is_train):
-    """detectron2's augmentation, or a fixed ``INPUT.SQUARE_SIZE`` square resize (the paper's
-    600x600) followed, in training, by detectron2's random flip."""
-    if cfg.INPUT.SQUARE_SIZE <= 0:
-        return detection_utils.build_augmentation(cfg, is_train)
-    augs = [T.Resize((cfg.INPUT.SQUARE_SIZE, cfg.INPUT.SQUARE_SIZE))]
-    if is_train and cfg.INPUT.RANDOM_FLIP != "none":
-        augs.append(
-            T.RandomFlip(
-                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
-                vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
-            )
-        )
+    """detectron2's augmentation, its resize replaced by a fixed ``INPUT.SQUARE_SIZE`` square
+    (the paper's 600x600) when that is > 0."""
+    augs = detection_utils.build_augmentation(cfg, is_train)
+    if cfg.INPUT.SQUARE_SIZE > 0:
+        assert isinstance(augs[0], T.ResizeShortestEdge), augs[0]
+        augs[0] = T.Resize((cfg.INPUT.SQUARE_SIZE, cfg.INPUT.SQUARE_SIZE))
     return augs
 
 
@@ -119,7 +113,8 @@ class Trainer(DefaultTrainer):
         images_per_gpu, _ = norm_batch_sizes(cfg)
         results = {}
         for dataset_name in cfg.DATASETS.TEST:
-            evaluate = functools.partial(cls._evaluate_mode, cfg, model, dataset_name)
+            loader = cls.build_test_loader(cfg, dataset_name)
+            evaluate = functools.partial(cls._evaluate_mode, cfg, model, dataset_name, loader)
             per_mode = evaluate_modes(model, cfg.TEST.EVALNORM_MODES, evaluate)
             for mode, res in per_mode.items():
                 results.setdefault(mode, {})[dataset_name] = res
@@ -133,10 +128,9 @@ class Trainer(DefaultTrainer):
         return results
 
     @classmethod
-    def _evaluate_mode(cls, cfg, model, dataset_name, mode):
+    def _evaluate_mode(cls, cfg, model, dataset_name, loader, mode):
         """COCO results of ``model`` (already in ``mode``) on ``dataset_name``."""
         folder = os.path.join(cfg.OUTPUT_DIR, "inference", mode, dataset_name)
-        loader = cls.build_test_loader(cfg, dataset_name)
         res = inference_on_dataset(model, loader, cls.build_evaluator(cfg, dataset_name, folder))
         if comm.is_main_process():
             logger.info("%s, mode %s:", dataset_name, mode)
