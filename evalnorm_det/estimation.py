@@ -102,8 +102,9 @@ class OnlineEstimator:
         self.optimizer.zero_grad(set_to_none=True)
 
     def coefficients(self):
-        """{layer name: (alpha, beta)} as Python floats."""
-        return {name: (m.alpha.item(), m.beta.item()) for name, m in self.layers}
+        """{layer name: (alpha, beta)} as Python floats, read with one device-to-host copy."""
+        values = torch.stack([torch.stack([m.alpha, m.beta]) for _, m in self.layers]).tolist()
+        return {name: tuple(ab) for (name, _), ab in zip(self.layers, values)}
 
     def state_dict(self):
         """The optimizer's state (alpha and beta themselves are in the model's state dict)."""

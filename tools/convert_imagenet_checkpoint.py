@@ -258,7 +258,8 @@ def main(argv=None):
         raise
 
     norms = sum(k.endswith(".running_mean") for k in model)
-    dropped = [k for k in OPTIONAL_KEYS if k in _unwrap(state_dict)]
+    source_keys = {k.removeprefix("module.") for k in _unwrap(state_dict)}
+    dropped = [k for k in OPTIONAL_KEYS if k in source_keys]
     print(f"Converted {len(model)} tensors from {src} (torchvision ResNet-50) into {dst}:")
     print("  conv1/bn1, layer1-3 -> backbone.stem, backbone.res2-res4; layer4 -> roi_heads.res5")
     print(f"  {norms} BatchNorm layers with their running statistics (EvalNorm needs them)")

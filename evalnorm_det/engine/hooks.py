@@ -1,6 +1,5 @@
 """``OnlineEstimationHook``: estimate alpha/beta while a detectron2 trainer trains."""
 
-import torch
 from detectron2.engine import HookBase
 
 from ..estimation import OnlineEstimator
@@ -46,12 +45,8 @@ class OnlineEstimationHook(HookBase):
             self._log()
 
     def _log(self):
-        layers = self.estimator.layers
-        # One device-to-host copy for all layers.
-        logits = torch.stack([torch.stack([m.alpha_logit, m.beta_logit]) for _, m in layers])
-        values = torch.sigmoid(logits.detach().float()).tolist()
         scalars = {}
-        for (name, _), (alpha, beta) in zip(layers, values):
+        for name, (alpha, beta) in self.estimator.coefficients().items():
             scalars[f"evalnorm_alpha/{name}"] = alpha
             scalars[f"evalnorm_beta/{name}"] = beta
         self.trainer.storage.put_scalars(**scalars, smoothing_hint=False)
