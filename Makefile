@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.evalnorm-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo rescue-demo clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,14 @@ test: setup
 
 demo: setup
 	$(PY) tools/train_net.py --config demo/evalnorm_digits_2img.yaml
+
+# A BN detector trained at 2 images per batch, then rescued: the same weights in every test mode.
+BN_DEMO := output/demo_bn_digits_2img
+rescue-demo: setup
+	test -f $(BN_DEMO)/model_final.pth || $(PY) tools/train_net.py --config demo/bn_digits_2img.yaml
+	$(PY) tools/train_net.py --config demo/bn_digits_2img.yaml --eval-only \
+		MODEL.WEIGHTS $(BN_DEMO)/model_final.pth TEST.EVALNORM_MODES "['all']" \
+		OUTPUT_DIR $(BN_DEMO)/rescue
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -22,9 +22,9 @@ from . import data, modeling  # noqa: F401  (registers datasets, backbone and RO
 from .config import add_evalnorm_config, check_evalnorm_config
 from .convert import convert_to_batchnorm, convert_to_evalnorm
 from .engine import EvalNormCheckpointer, MissingStatisticsError, OnlineEstimationHook, Trainer
-from .estimation import OnlineEstimator
+from .estimation import OnlineEstimator, estimate_offline
 from .layers import EvalNorm2d, get_norm
-from .modes import evalnorm_mode
+from .modes import evalnorm_mode, keep_running_stats
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,8 @@ __all__ = [
     "check_evalnorm_config",
     "convert_to_batchnorm",
     "convert_to_evalnorm",
+    "estimate_offline",
     "evalnorm_mode",
     "get_norm",
+    "keep_running_stats",
 ]

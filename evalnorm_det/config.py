@@ -4,8 +4,15 @@ from detectron2.config import CfgNode as CN
 from detectron2.utils import comm
 
 from .layers import EVAL_MODES, EVALNORM_NAMES
+from .modes import TEST_MODES
 
-__all__ = ["add_evalnorm_config", "check_evalnorm_config", "norm_batch_sizes"]
+__all__ = [
+    "add_evalnorm_config",
+    "check_evalnorm_config",
+    "images_per_process",
+    "norm_batch_sizes",
+    "test_modes",
+]
 
 # Norm names the builders accept besides EvalNorm's: detectron2's.
 DETECTRON2_NORMS = ("BN", "FrozenBN", "SyncBN", "GN", "")
@@ -23,10 +30,16 @@ def add_evalnorm_config(cfg):
     # "GN", "" (none). These replace MODEL.RESNETS.NORM, which the EvalNorm builders ignore.
     _C.MODEL.EVALNORM.BACKBONE_NORM = "EN"
     _C.MODEL.EVALNORM.ROI_HEAD_NORM = "EN"
+    # Images per GPU the model trains with (or was trained with): B of the backbone's norms,
+    # and with MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE that of the ROI head's. 0 derives it as
+    # SOLVER.IMS_PER_BATCH / number of processes. Set it so that evaluation, offline
+    # estimation and the rule of thumb use the training's B on any number of GPUs; a training
+    # run checks that it equals its images per GPU.
+    _C.MODEL.EVALNORM.NORM_BATCH_SIZE = 0
     # How alpha and beta start in every EN/FrozenEN layer: "rule_of_thumb" (1/B^2), "simple"
-    # (1/B), or "value" (INIT_ALPHA and INIT_BETA). B is derived, never typed: images per GPU
-    # (SOLVER.IMS_PER_BATCH / world size) in the backbone, sampled ROIs per GPU
-    # (MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE * images per GPU) in the ROI head.
+    # (1/B), or "value" (INIT_ALPHA and INIT_BETA). B: images per GPU (NORM_BATCH_SIZE) in the
+    # backbone, sampled ROIs per GPU (MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE * images per GPU)
+    # in the ROI head.
     # A checkpoint that has alpha/beta overrides these.
     _C.MODEL.EVALNORM.INIT = "rule_of_thumb"
     _C.MODEL.EVALNORM.INIT_ALPHA = 0.1
@@ -48,8 +61,25 @@ def add_evalnorm_config(cfg):
     # Iterations between writes of every layer's alpha and beta to the event storage.
     _C.MODEL.EVALNORM.ONLINE.LOG_PERIOD = 20
 
-    # The evaluation modes the trainer tests the same weights with, one after another; the
-    # table reports EN minus EMA when both are listed.
+    # Offline estimation of alpha/beta on a trained model (section 3.4, "EN offline"):
+    # tools/estimate_offline.py and the "en_offline" test mode. Training images go through the
+    # model in batches of its B, running statistics untouched, for at most MAX_ITER
+    # iterations; with PATIENCE > 0 it stops sooner when the mean auxiliary loss over the
+    # last PATIENCE iterations improved by less than MIN_DELTA (relative) on the previous one.
+    _C.MODEL.EVALNORM.OFFLINE = CN()
+    _C.MODEL.EVALNORM.OFFLINE.MAX_ITER = 500
+    _C.MODEL.EVALNORM.OFFLINE.PATIENCE = 100
+    _C.MODEL.EVALNORM.OFFLINE.MIN_DELTA = 0.001
+    _C.MODEL.EVALNORM.OFFLINE.OPTIMIZER = "adam"  # "adam" or "sgd"
+    _C.MODEL.EVALNORM.OFFLINE.LR = 0.01
+    _C.MODEL.EVALNORM.OFFLINE.MOMENTUM = 0.9  # SGD only
+    _C.MODEL.EVALNORM.OFFLINE.LOG_PERIOD = 20
+
+    # The evaluation modes the trainer tests the same weights with, one row each (see
+    # evalnorm_det.modes.TEST_MODES): "ema", "en", "en_offline",
+    # "rule_of_thumb", "simple", "precise_bn" (TEST.PRECISE_BN.NUM_ITER batches),
+    # "head_batch_stats"; "all" stands for all of them. The table reports EN minus EMA when
+    # both are listed.
     _C.TEST.EVALNORM_MODES = ["ema", "en", "rule_of_thumb"]
 
     # When > 0, every image is resized to SQUARE_SIZE x SQUARE_SIZE, in training and test
@@ -58,11 +88,18 @@ def add_evalnorm_config(cfg):
 
 
 def norm_batch_sizes(cfg, world_size=None):
-    """(backbone B, ROI head B): images per GPU and sampled ROIs per GPU.
+    """(backbone B, ROI head B): images per GPU and sampled ROIs per GPU in training.
 
-    ``world_size`` defaults to the current process group's size; ``SOLVER.IMS_PER_BATCH``
-    must split evenly over it.
+    Images per GPU is ``MODEL.EVALNORM.NORM_BATCH_SIZE`` when set, else
+    ``SOLVER.IMS_PER_BATCH`` / ``world_size`` (the current process group's size by default),
+    which it must divide.
     """
+    images = cfg.MODEL.EVALNORM.NORM_BATCH_SIZE or images_per_process(cfg, world_size)
+    return images, images * cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
+
+
+def images_per_process(cfg, world_size=None):
+    """``SOLVER.IMS_PER_BATCH`` / ``world_size``, which it must divide."""
     world_size = comm.get_world_size() if world_size is None else world_size
     total = cfg.SOLVER.IMS_PER_BATCH
     if total < 1 or total % world_size:
@@ -71,8 +108,7 @@ def norm_batch_sizes(cfg, world_size=None):
             "(GPUs): EvalNorm needs the same number of images on every GPU, its normalization "
             "batch size B. Make SOLVER.IMS_PER_BATCH a multiple of the number of GPUs."
         )
-    images = total // world_size
-    return images, images * cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
+    return total // world_size
 
 
 def _check_choice(value, choices, key):
@@ -80,10 +116,18 @@ def _check_choice(value, choices, key):
         raise ValueError(f"{key}={value!r}: expected one of {', '.join(map(repr, choices))}")
 
 
-def check_evalnorm_config(cfg, world_size=None):
+def test_modes(cfg):
+    """``TEST.EVALNORM_MODES`` with "all" expanded, in ``TEST_MODES`` order."""
+    modes = list(cfg.TEST.EVALNORM_MODES)
+    return list(TEST_MODES) if "all" in modes else modes
+
+
+def check_evalnorm_config(cfg, world_size=None, training=True):
     """Raise ValueError, naming the key, for any EvalNorm setting that cannot work.
 
-    Call it before building anything, so a bad config stops before training starts.
+    Call it before building anything, so a bad config stops before training starts. With
+    ``training`` False (evaluation, offline estimation), ``SOLVER.IMS_PER_BATCH`` need not
+    split over ``world_size`` when ``MODEL.EVALNORM.NORM_BATCH_SIZE`` gives B.
     """
     en = cfg.MODEL.EVALNORM
     norms = EVALNORM_NAMES + DETECTRON2_NORMS
@@ -100,17 +144,41 @@ def check_evalnorm_config(cfg, world_size=None):
             if not (0.0 < v < 1.0 or (bounds_ok and 0.0 <= v <= 1.0)):
                 expected = "[0, 1]" if bounds_ok else "(0, 1) while ONLINE.ENABLED is True"
                 raise ValueError(f"MODEL.EVALNORM.{key}={v!r}: expected a number in {expected}")
-    if not en.ONLINE.LR > 0:
-        raise ValueError(f"MODEL.EVALNORM.ONLINE.LR={en.ONLINE.LR!r}: expected a number > 0")
-    if not en.ONLINE.LOG_PERIOD >= 1:
-        raise ValueError(
-            f"MODEL.EVALNORM.ONLINE.LOG_PERIOD={en.ONLINE.LOG_PERIOD!r}: expected an integer >= 1"
-        )
+    _check_choice(en.OFFLINE.OPTIMIZER, OPTIMIZERS, "MODEL.EVALNORM.OFFLINE.OPTIMIZER")
+    _check_number("MODEL.EVALNORM.ONLINE.LR", en.ONLINE.LR, "> 0")
+    _check_number("MODEL.EVALNORM.OFFLINE.LR", en.OFFLINE.LR, "> 0")
+    _check_number("MODEL.EVALNORM.OFFLINE.MIN_DELTA", en.OFFLINE.MIN_DELTA, ">= 0")
+    _check_number("MODEL.EVALNORM.ONLINE.LOG_PERIOD", en.ONLINE.LOG_PERIOD, ">= 1", integer=True)
+    _check_number("MODEL.EVALNORM.OFFLINE.LOG_PERIOD", en.OFFLINE.LOG_PERIOD, ">= 1", integer=True)
+    _check_number("MODEL.EVALNORM.OFFLINE.MAX_ITER", en.OFFLINE.MAX_ITER, ">= 1", integer=True)
+    _check_number("MODEL.EVALNORM.OFFLINE.PATIENCE", en.OFFLINE.PATIENCE, ">= 0", integer=True)
+    _check_number("MODEL.EVALNORM.NORM_BATCH_SIZE", en.NORM_BATCH_SIZE, ">= 0", integer=True)
     modes = list(cfg.TEST.EVALNORM_MODES)
     if not modes:
-        raise ValueError("TEST.EVALNORM_MODES is empty: list at least one of " + str(EVAL_MODES))
+        raise ValueError(
+            "TEST.EVALNORM_MODES is empty: list at least one of " + ", ".join(TEST_MODES)
+        )
     for mode in modes:
-        _check_choice(mode, EVAL_MODES, "TEST.EVALNORM_MODES entry")
+        _check_choice(mode, (*TEST_MODES, "all"), "TEST.EVALNORM_MODES entry")
     if cfg.INPUT.SQUARE_SIZE < 0:
         raise ValueError(f"INPUT.SQUARE_SIZE={cfg.INPUT.SQUARE_SIZE!r}: expected 0 (off) or > 0")
-    norm_batch_sizes(cfg, world_size)
+    if training or not en.NORM_BATCH_SIZE:
+        images = images_per_process(cfg, world_size)
+        if en.NORM_BATCH_SIZE and en.NORM_BATCH_SIZE != images:
+            raise ValueError(
+                f"MODEL.EVALNORM.NORM_BATCH_SIZE={en.NORM_BATCH_SIZE}, but training puts "
+                f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} / "
+                f"{cfg.SOLVER.IMS_PER_BATCH // images} processes = {images} images on each GPU. "
+                f"Set SOLVER.IMS_PER_BATCH to {en.NORM_BATCH_SIZE} x the number of GPUs."
+            )
+
+
+def _check_number(key, value, expected, integer=False):
+    """``expected``: "> 0", ">= 0" or ">= 1"."""
+    op, bound = expected.split()
+    kind = (int,) if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    ok = ok and (value > float(bound) if op == ">" else value >= float(bound))
+    if not ok:
+        noun = "an integer" if integer else "a number"
+        raise ValueError(f"{key}={value!r}: expected {noun} {expected}")

@@ -1,11 +1,21 @@
-"""Online estimation of alpha and beta (paper section 3.4) for any PyTorch training loop."""
+"""Estimation of alpha and beta (paper section 3.4): online, in any PyTorch training loop, and
+offline, on a trained model."""
+
+import datetime
+import itertools
+import logging
+import math
+import time
 
 import torch
 import torch.distributed as dist
 
 from .layers import EvalNorm2d
+from .modes import keep_running_stats
 
-__all__ = ["OnlineEstimator"]
+__all__ = ["OnlineEstimator", "estimate_offline"]
+
+logger = logging.getLogger(__name__)
 
 
 class OnlineEstimator:
@@ -112,3 +122,95 @@ class OnlineEstimator:
 
     def load_state_dict(self, state_dict):
         self.optimizer.load_state_dict(state_dict["optimizer"])
+
+
+def estimate_offline(
+    model,
+    batches,
+    max_iter,
+    *,
+    lr=0.01,
+    optimizer="adam",
+    momentum=0.9,
+    patience=0,
+    min_delta=1e-3,
+    log_period=20,
+):
+    """Fit the alpha and beta of a trained model's EvalNorm2d layers ("EN offline", section 3.4).
+
+    Each batch goes through ``model`` as in training (``model(batch)``, training mode: every layer
+    normalizes with its batch's statistics), with no gradient for the model and running
+    statistics untouched (``keep_running_stats``); each layer's auxiliary loss (eqs. 7-9) steps
+    its alpha/beta with an :class:`OnlineEstimator`. Only alpha and beta change. Feed batches of
+    the size the model trained with: B samples per process.
+
+    Stops after ``max_iter`` batches, when ``batches`` ends, or, with ``patience`` > 0, when the
+    mean auxiliary loss over the last ``patience`` iterations is not lower than the previous
+    such block's by at least ``min_delta`` (relative). Under ``torch.distributed`` the losses
+    and gradients are averaged over processes, so every rank stops together with the same alpha
+    and beta. Logs progress every ``log_period`` iterations.
+
+    Returns:
+        dict: "iterations", "losses" (mean auxiliary loss over layers, per iteration, before its
+        step) and "stopped" ("max_iter", "plateau" or "data").
+    """
+    estimator = OnlineEstimator(model, lr=lr, optimizer=optimizer, momentum=momentum)
+    layers = [m for _, m in estimator.layers]
+    losses, best, stopped = [], math.inf, "max_iter"
+    was_training = model.training
+    start = time.perf_counter()
+    model.train()
+    try:
+        with keep_running_stats(model), torch.no_grad():
+            for it, batch in enumerate(itertools.islice(batches, max_iter), start=1):
+                for m in layers:
+                    m.last_aux_loss = None
+                model(batch)
+                losses.append(_mean_aux_loss(layers))
+                estimator.step()
+                if it % log_period == 0 or it == max_iter:
+                    seconds = (time.perf_counter() - start) / it
+                    eta = datetime.timedelta(seconds=round(seconds * (max_iter - it)))
+                    logger.info(
+                        "EN offline: iter %d/%d  aux loss %.5f  %.3f s/iter  ETA %s",
+                        it,
+                        max_iter,
+                        losses[-1],
+                        seconds,
+                        eta,
+                    )
+                if patience and it % patience == 0:
+                    block = sum(losses[-patience:]) / patience
+                    if block > best * (1 - min_delta):
+                        stopped = "plateau"
+                        break
+                    best = block
+            if stopped == "max_iter" and len(losses) < max_iter:
+                stopped = "data"
+    finally:
+        estimator.enabled = False
+        model.train(was_training)
+    logger.info(
+        "EN offline: stopped (%s) after %d iterations, aux loss %.5f -> %.5f",
+        stopped,
+        len(losses),
+        losses[0] if losses else math.nan,
+        losses[-1] if losses else math.nan,
+    )
+    return {"iterations": len(losses), "losses": losses, "stopped": stopped}
+
+
+def _mean_aux_loss(layers):
+    """This iteration's auxiliary loss averaged over the layers that computed one, and over
+    processes."""
+    values = [m.last_aux_loss.float() for m in layers if m.last_aux_loss is not None]
+    device = layers[0].alpha_logit.device
+    total = torch.stack(
+        [
+            sum(values, torch.zeros((), device=device)),
+            torch.tensor(float(len(values)), device=device),
+        ]
+    )
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()

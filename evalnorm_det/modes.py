@@ -2,9 +2,24 @@
 
 import contextlib
 
+from torch import nn
+
 from .layers import EVAL_MODES, EvalNorm2d
 
-__all__ = ["evalnorm_mode"]
+__all__ = ["TEST_MODES", "evalnorm_mode", "keep_running_stats"]
+
+# Every normalization choice the trainer's test can evaluate one set of weights with: one row of
+# its table each, labelled as here. The first four and "batch" are EvalNorm2d modes; the others
+# are procedures (evalnorm_det.engine.evaluation.evaluation_mode).
+TEST_MODES = {
+    "ema": "EMA",  # vanilla BatchNorm: the running statistics
+    "en": "EN",  # the checkpoint's alpha/beta (estimated online in training, or by the tools)
+    "en_offline": "EN offline",  # alpha/beta fitted now on training images (section 3.4)
+    "rule_of_thumb": "1/B^2",
+    "simple": "1/B",
+    "precise_bn": "PreciseBN",  # population statistics recomputed over training batches
+    "head_batch_stats": "head batch stats",  # ROI head on its test batch's statistics
+}
 
 
 @contextlib.contextmanager
@@ -12,7 +27,8 @@ def evalnorm_mode(model, mode):
     """Within the block, every ``EvalNorm2d`` of ``model`` evaluates in ``mode``.
 
     Modes: "ema" (running statistics alone: vanilla BatchNorm), "en" (each layer's alpha,
-    beta), "rule_of_thumb" (1/B^2) and "simple" (1/B). The previous modes are restored on exit.
+    beta), "rule_of_thumb" (1/B^2), "simple" (1/B) and "batch" (the evaluated batch's own
+    statistics). The previous modes are restored on exit.
     """
     if mode not in EVAL_MODES:
         raise ValueError(f"Unknown EvalNorm mode {mode!r}: expected one of {', '.join(EVAL_MODES)}")
@@ -33,3 +49,24 @@ def evalnorm_mode(model, mode):
     finally:
         for (_, m), old in zip(layers, previous):
             m.mode = old
+
+
+@contextlib.contextmanager
+def keep_running_stats(model):
+    """Within the block, BatchNorm layers in training mode (EvalNorm2d included) normalize with
+    batch statistics, as in training, but leave ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` unchanged: for feeding training batches to a trained model (offline
+    estimation, activation plots). Frozen layers normalize with their running statistics as
+    always."""
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    try:
+        for m in layers:
+            m.track_running_stats = False  # BatchNorm's own switch: no update in training
+        yield model
+    finally:
+        for m in layers:
+            m.track_running_stats = True

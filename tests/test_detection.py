@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from detection_helpers import tiny_cfg
+from detection_helpers import en_layers, norm_types, tiny_cfg, train
 from detectron2.data import transforms as T
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
@@ -21,26 +21,6 @@ from evalnorm_det import (
 )
 from evalnorm_det.engine import build_augmentation
 from evalnorm_det.modeling import reset_norms
-
-
-def norm_types(module):
-    return {
-        type(m)
-        for m in module.modules()
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))
-    }
-
-
-def en_layers(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, EvalNorm2d)]
-
-
-def train(cfg, seed=0, resume=False):
-    seed_all_rng(seed)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=resume)
-    trainer.train()
-    return trainer
 
 
 @pytest.mark.parametrize(
@@ -114,7 +94,7 @@ def test_freeze_at_keeps_detectron2_meaning_and_evalnorm(tmp_path):
         (("MODEL.EVALNORM.ROI_HEAD_NORM", "bn"), "MODEL.EVALNORM.ROI_HEAD_NORM"),
         (("MODEL.EVALNORM.INIT", "zero"), "MODEL.EVALNORM.INIT"),
         (("MODEL.EVALNORM.INIT", "value", "MODEL.EVALNORM.INIT_BETA", "0.0"), "INIT_BETA"),
-        (("MODEL.EVALNORM.EVAL_MODE", "batch"), "MODEL.EVALNORM.EVAL_MODE"),
+        (("MODEL.EVALNORM.EVAL_MODE", "precise_bn"), "MODEL.EVALNORM.EVAL_MODE"),
         (("MODEL.EVALNORM.ONLINE.OPTIMIZER", "rmsprop"), "ONLINE.OPTIMIZER"),
         (("MODEL.EVALNORM.ONLINE.LR", "0.0"), "ONLINE.LR"),
         (("TEST.EVALNORM_MODES", "['ema', 'offline']"), "TEST.EVALNORM_MODES"),

@@ -1,4 +1,4 @@
-"""OnlineEstimator under torch.distributed (2 CPU processes, GLOO): ranks stay identical."""
+"""Estimation under torch.distributed (2 CPU processes, GLOO): ranks stay identical."""
 
 import os
 import socket
@@ -41,6 +41,23 @@ def worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
+def offline_worker(rank, port, out_dir):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from evalnorm_det import estimate_offline
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        layer = make_layer()
+        g = torch.Generator().manual_seed(rank)  # each rank its own training images
+        data = [torch.randn(2, 3, 5, 5, generator=g) * (1 + rank) for _ in range(40)]
+        summary = estimate_offline(torch.nn.Sequential(layer), iter(data), 40, patience=4)
+        torch.save({"state": layer.state_dict(), **summary}, os.path.join(out_dir, f"r{rank}.pth"))
+    finally:
+        dist.destroy_process_group()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,3 +90,15 @@ def test_two_processes_average_gradients(tmp_path):
     torch.testing.assert_close(
         ranks[0]["beta_logit"], layer.beta_logit.detach(), rtol=1e-6, atol=1e-7
     )
+
+
+def test_offline_estimation_stops_together_with_the_same_coefficients(tmp_path):
+    mp.spawn(offline_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"r{r}.pth", weights_only=True) for r in range(2)]
+    assert ranks[0]["iterations"] == ranks[1]["iterations"] >= 8
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # averaged over ranks: one stopping rule
+    for key in ("alpha_logit", "beta_logit"):
+        assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key])
+        assert not torch.equal(ranks[0]["state"][key], make_layer().state_dict()[key])
+    for key in ("running_mean", "running_var"):  # untouched on both ranks
+        assert torch.equal(ranks[0]["state"][key], make_layer().state_dict()[key])

@@ -124,3 +124,15 @@ def test_half_precision_inputs_use_float32_statistics():
         y = layer(x.to(torch.bfloat16))
     assert torch.isfinite(y).all()
     np.testing.assert_allclose(y.detach().float().numpy(), expected, rtol=1e-1, atol=1e-1)
+
+
+def test_batch_mode_is_batchnorm_training_without_updating_statistics():
+    layer = make_layer()
+    layer.mode = "batch"
+    bn = nn.BatchNorm2d(5).train()
+    bn.load_state_dict({k: v for k, v in layer.state_dict().items() if "logit" not in k})
+    before = layer.state_dict()
+    x = random_input()
+    assert torch.equal(layer(x), bn(x))
+    after = layer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,9 +1,11 @@
-"""tools/convert_imagenet_checkpoint.py: torchvision ResNet-50 -> detectron2 C4 checkpoint.
+"""tools/convert_imagenet_checkpoint.py: torchvision ResNet-50 -> detectron2 C4 (or FPN)
+checkpoint.
 
 A ResNet-50 with random weights and random BatchNorm affine and statistics stands in for
 torchvision's ImageNet weights. The converted checkpoint, loaded through EvalNormCheckpointer,
 must reproduce torchvision's layer1-3 in the backbone's res4 and layer4 in the ROI head's res5
-(EvalNorm in "ema" mode is exactly BatchNorm's evaluation).
+(in FPN models, in the bottom-up ResNet's res4 and res5; EvalNorm in "ema" mode is exactly
+BatchNorm's evaluation).
 
 Outputs are compared in float64 with rtol = 1e-10 and atol = 1e-10 * max |reference|. Both
 sides run the same convolutions and batch_norm calls, so on CPU they agree bit for bit today;
@@ -116,12 +118,16 @@ def reference(torchvision_resnet50):
     return x, res4, features, res5
 
 
-def detectron2_model(backbone_norm, head_norm):
+def detectron2_model(backbone_norm, head_norm, layout="c4"):
+    """The C4 model, or with ``layout="fpn"`` that of configs/Base-EvalNorm-RCNN-FPN.yaml."""
     cfg = get_cfg()
     add_evalnorm_config(cfg)
-    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
-    cfg.MODEL.BACKBONE.NAME = "build_evalnorm_resnet_c4_backbone"
-    cfg.MODEL.ROI_HEADS.NAME = "EvalNormRes5ROIHeads"
+    if layout == "fpn":
+        cfg.merge_from_file(str(ROOT / "configs" / "Base-EvalNorm-RCNN-FPN.yaml"))
+    else:
+        cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+        cfg.MODEL.BACKBONE.NAME = "build_evalnorm_resnet_c4_backbone"
+        cfg.MODEL.ROI_HEADS.NAME = "EvalNormRes5ROIHeads"
     cfg.MODEL.DEVICE = "cpu"
     cfg.SOLVER.IMS_PER_BATCH = 2
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
@@ -137,6 +143,13 @@ def assert_close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10 * scale)
 
 
+def resnet_parts(model):
+    """(the ResNet with the stem and res2-res4, res5): C4's backbone and ROI heads' res5, or
+    FPN's bottom-up ResNet and its res5."""
+    resnet = getattr(model.backbone, "bottom_up", model.backbone)
+    return resnet, model.roi_heads.res5 if hasattr(model.roi_heads, "res5") else resnet.res5
+
+
 @torch.no_grad()
 def assert_reproduces_torchvision(model, reference):
     x, res4, features, res5 = reference
@@ -144,8 +157,9 @@ def assert_reproduces_torchvision(model, reference):
     for m in model.modules():
         if isinstance(m, EvalNorm2d):
             m.mode = "ema"
-    assert_close(model.backbone(x)["res4"], res4)
-    assert_close(model.roi_heads.res5(features), res5)
+    resnet, res5_stage = resnet_parts(model)
+    assert_close(resnet(x)["res4"], res4)
+    assert_close(res5_stage(features), res5)
 
 
 def torchvision_layers(tv):
@@ -163,11 +177,12 @@ def torchvision_layers(tv):
 
 def detectron2_conv(model, tv_name):
     """detectron2's conv (with its ``norm``) for a torchvision name, written out by hand."""
+    resnet, res5 = resnet_parts(model)
     if tv_name == "conv1":
-        return model.backbone.stem.conv1
+        return resnet.stem.conv1
     layer, block, conv = tv_name.split(".")
     k = int(layer[len("layer") :])
-    stage = model.roi_heads.res5 if k == 4 else getattr(model.backbone, f"res{k + 1}")
+    stage = res5 if k == 4 else getattr(resnet, f"res{k + 1}")
     return getattr(stage[int(block)], "shortcut" if conv == "downsample" else conv)
 
 
@@ -211,7 +226,7 @@ NORM_TYPES = {
 
 def assert_norms(model, backbone_norm, head_norm):
     """The norm layers are the configured ones; EvalNorm layers all got their statistics."""
-    for part, norm in ((model.backbone, backbone_norm), (model.roi_heads.res5, head_norm)):
+    for part, norm in zip(resnet_parts(model), (backbone_norm, head_norm)):
         norms = [m for m in part.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
         assert norms and all(type(m) is NORM_TYPES[norm] for m in norms)
         if NORM_TYPES[norm] is EvalNorm2d:
@@ -415,3 +430,34 @@ def test_output_is_never_overwritten_silently(torchvision_file, tmp_path):
         tool.main([str(torchvision_file), str(torchvision_file), "--overwrite"])
     tool.main([str(torchvision_file), str(out), "--overwrite"])
     assert len(torch.load(out, weights_only=True)["model"]) == 318
+
+
+def test_fpn_layout(torchvision_file, torchvision_resnet50, converted, reference, tmp_path, capsys):
+    """--layout fpn: the C4 names moved under backbone.bottom_up (res5 too), the same tensors;
+    the FPN model's bottom-up ResNet takes every one of them and reproduces torchvision."""
+    out = tmp_path / "R-50-torchvision-fpn.pth"
+    tool.main([str(torchvision_file), str(out), "--layout", "fpn"])
+    printed = capsys.readouterr().out
+    assert "layer1-3 -> backbone.bottom_up.stem, backbone.bottom_up.res2-res4" in printed
+    assert "layer4 -> backbone.bottom_up.res5" in printed
+    checkpoint = torch.load(out, weights_only=True)["model"]
+    renamed = {
+        re.sub(r"^(backbone|roi_heads)\.", "backbone.bottom_up.", k): v
+        for k, v in converted.items()
+    }
+    assert list(checkpoint) == list(renamed)
+    assert all(torch.equal(checkpoint[k], v) for k, v in renamed.items())
+    with pytest.raises(ValueError, match="layout='C4'"):
+        tool.convert_torchvision_resnet(torchvision_resnet50[0], layout="C4")
+
+    model = detectron2_model("EN", "EN", layout="fpn")
+    own = {
+        k
+        for k in model.state_dict()
+        if k.startswith("backbone.bottom_up.") and not k.endswith(("alpha_logit", "beta_logit"))
+    }
+    assert set(checkpoint) == own and not own & set(converted)  # the C4 file would not load
+    EvalNormCheckpointer(model).load(str(out))
+    assert_norms(model, "EN", "EN")
+    assert_every_tensor_landed(model, torchvision_resnet50[1])
+    assert_reproduces_torchvision(model, reference)

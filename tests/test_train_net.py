@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from detection_helpers import tiny_overrides
+from detection_helpers import SMALL_RESNET, tiny_overrides
 
 from evalnorm_det.data import write_coco2014_layout
 
@@ -18,18 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The headline config, shrunk: from scratch, a narrow ResNet, on CPU.
 SMALL = [
-    "MODEL.DEVICE",
-    "cpu",
-    "MODEL.WEIGHTS",
-    "",
-    "MODEL.RESNETS.STEM_OUT_CHANNELS",
-    "16",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS",
-    "32",
-    "MODEL.RESNETS.WIDTH_PER_GROUP",
-    "8",
-    "SOLVER.IMS_PER_BATCH",
-    "2",
+    *SMALL_RESNET,
     "SOLVER.CHECKPOINT_PERIOD",
     "1",
     "TEST.DETECTIONS_PER_IMAGE",

@@ -4,14 +4,17 @@
 EvalNorm corrects BatchNorm's running statistics, so it needs weights that still have them:
 torchvision's ResNet-50 has them, the MSRA/Caffe2 ``R-50.pkl`` that detectron2's configs use
 has its BatchNorm folded into a scale and shift and cannot be used. This tool renames
-torchvision's keys for the C4 GeneralizedRCNN (stem and layer1-3 -> ``backbone.stem`` and
-``backbone.res2``-``res4``, layer4 -> ``roi_heads.res5``), keeps every BatchNorm statistic and
-drops the ImageNet classifier (``fc``). The weights expect torchvision's conventions: RGB input,
-pixel mean [123.675, 116.28, 103.53], std [58.395, 57.12, 57.375], MODEL.RESNETS.STRIDE_IN_1X1
-False.
+torchvision's keys for a GeneralizedRCNN, keeps every BatchNorm statistic and drops the
+ImageNet classifier (``fc``). ``--layout c4`` (default): stem and layer1-3 -> ``backbone.stem``
+and ``backbone.res2``-``res4``, layer4 -> ``roi_heads.res5``; ``--layout fpn``: stem and
+layer1-4 -> ``backbone.bottom_up.stem`` and ``backbone.bottom_up.res2``-``res5``. The weights
+expect torchvision's conventions: RGB input, pixel mean [123.675, 116.28, 103.53], std
+[58.395, 57.12, 57.375], MODEL.RESNETS.STRIDE_IN_1X1 False.
 
     python tools/convert_imagenet_checkpoint.py \\
         ~/.cache/torch/hub/checkpoints/resnet50-0676ba61.pth checkpoints/R-50-torchvision.pth
+    python tools/convert_imagenet_checkpoint.py --layout fpn \\
+        ~/.cache/torch/hub/checkpoints/resnet50-0676ba61.pth checkpoints/R-50-torchvision-fpn.pth
 
 Then set MODEL.WEIGHTS to the output. IN may also be ``{"state_dict": ...}`` or
 ``{"model": ...}`` around the state dict; OUT is never overwritten without --overwrite.
@@ -26,6 +29,8 @@ import tempfile
 
 import torch
 
+from evalnorm_det.engine.checkpoint import read_checkpoint
+
 __all__ = ["FoldedBatchNormError", "convert_torchvision_resnet", "load_state_dict"]
 
 # Residual blocks in torchvision's ResNet-50 layer1..layer4, and the convention its weights need.
@@ -34,6 +39,11 @@ PIXEL_MEAN = [123.675, 116.28, 103.53]
 PIXEL_STD = [58.395, 57.12, 57.375]
 BN_STATISTICS = ("running_mean", "running_var")
 OPTIONAL_KEYS = ("fc.weight", "fc.bias")  # the ImageNet classifier, dropped
+# Per model layout: (prefix of the stem and res2-res4, prefix of res5) in the GeneralizedRCNN.
+LAYOUTS = {
+    "c4": ("backbone.", "roi_heads."),  # build_evalnorm_resnet_c4_backbone, res5 in the box head
+    "fpn": ("backbone.bottom_up.", "backbone.bottom_up."),  # build_evalnorm_resnet_fpn_backbone
+}
 
 
 class FoldedBatchNormError(ValueError):
@@ -68,15 +78,17 @@ def _expected_shapes():
     return shapes
 
 
-def _detectron2_name(key):
-    """detectron2's name in the full GeneralizedRCNN for a (validated) torchvision key."""
+def _detectron2_name(key, layout):
+    """detectron2's name in the full GeneralizedRCNN of ``layout`` for a (validated)
+    torchvision key."""
+    backbone, res5 = LAYOUTS[layout]
     parts = key.split(".")
     if parts[0] == "conv1":
-        return "backbone.stem.conv1." + parts[1]
+        return f"{backbone}stem.conv1.{parts[1]}"
     if parts[0] == "bn1":
-        return "backbone.stem.conv1.norm." + parts[1]
+        return f"{backbone}stem.conv1.norm.{parts[1]}"
     k = int(parts[0][len("layer") :])
-    stage = f"backbone.res{k + 1}" if k <= 3 else "roi_heads.res5"
+    stage = f"{backbone if k <= 3 else res5}res{k + 1}"
     block, module, rest = parts[1], parts[2], parts[3:]
     if module.startswith("conv"):
         return f"{stage}.{block}.{module}.{rest[0]}"
@@ -123,12 +135,13 @@ def _check_not_folded(state_dict):
     )
 
 
-def convert_torchvision_resnet(state_dict):
-    """torchvision ResNet-50 state dict -> state dict of detectron2's C4 GeneralizedRCNN.
+def convert_torchvision_resnet(state_dict, layout="c4"):
+    """torchvision ResNet-50 state dict -> state dict of detectron2's GeneralizedRCNN.
 
-    conv1/bn1 -> ``backbone.stem.conv1``/``.norm``; ``layerK.i.convJ``/``bnJ`` ->
+    conv1/bn1 -> ``stem.conv1``/``.norm``; ``layerK.i.convJ``/``bnJ`` ->
     ``res(K+1).i.convJ``/``.convJ.norm``; ``downsample.0``/``.1`` -> ``shortcut``/``.norm``;
-    res2-res4 under ``backbone.``, res5 under ``roi_heads.``. Every BatchNorm weight, bias,
+    ``layout`` "c4": stem and res2-res4 under ``backbone.``, res5 under ``roi_heads.``; "fpn":
+    stem and res2-res5 under ``backbone.bottom_up.``. Every BatchNorm weight, bias,
     running_mean, running_var and num_batches_tracked is kept (the same tensors); ``fc`` is
     dropped. ``{"state_dict": ...}``/``{"model": ...}`` wrappers are unwrapped.
 
@@ -136,6 +149,8 @@ def convert_torchvision_resnet(state_dict):
     ``ValueError``, naming the keys or shapes, for anything else that is not a ResNet-50
     (``TypeError`` if it is not a dict of tensors at all).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
     state_dict = _unwrap(state_dict)
     if not isinstance(state_dict, dict):
         raise TypeError(f"holds a {type(state_dict).__name__}, not a state dict")
@@ -174,56 +189,37 @@ def convert_torchvision_resnet(state_dict):
             "not a torchvision ResNet-50 state dict (a ResNeXt or wide ResNet has the same keys): "
             f"{len(wrong)} tensor(s) of the wrong shape or type: {', '.join(wrong[:3])}"
         )
-    return {_detectron2_name(k): v for k, v in state_dict.items() if k not in OPTIONAL_KEYS}
-
-
-class _ArraysOnly(pickle.Unpickler):
-    """Unpickles dicts of NumPy arrays (detectron2/Caffe2 .pkl files) and nothing else."""
-
-    ALLOWED = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy.core.multiarray", "scalar"),
-            ("numpy._core.multiarray", "scalar"),
-            ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5
-            ("numpy._core.numeric", "_frombuffer"),
-            ("_codecs", "encode"),  # bytes in protocol 2 from Python 3
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("collections", "OrderedDict"),
-        }
-    )
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-        return super().find_class(module, name)
+    return {_detectron2_name(k, layout): v for k, v in state_dict.items() if k not in OPTIONAL_KEYS}
 
 
 def load_state_dict(path):
-    """The object in ``path``: torch.load with weights_only=True, or, for a ``.pkl`` (the
-    detectron2/Caffe2 format), a pickle restricted to NumPy arrays, turned into tensors."""
+    """The object in ``path``, read without running code from it (``read_checkpoint``); for a
+    ``.pkl`` (the detectron2/Caffe2 format) its arrays become tensors."""
+    obj = read_checkpoint(path)
     if path.endswith(".pkl"):
-        with open(path, "rb") as f:
-            obj = _ArraysOnly(f, encoding="latin1").load()
         if isinstance(obj, dict) and isinstance(obj.get("blobs"), dict):
             obj = obj["blobs"]
         inner = _unwrap(obj)
         if isinstance(inner, dict):
             obj = {k: torch.tensor(v) if hasattr(v, "__array__") else v for k, v in inner.items()}
-        return obj
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return obj
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Convert a torchvision ImageNet ResNet-50 state dict into a detectron2 "
-        "checkpoint for EvalNorm's C4 models (backbone.* and roi_heads.res5.*)."
+        "checkpoint for EvalNorm's models: C4 (backbone.* and roi_heads.res5.*) or FPN "
+        "(backbone.bottom_up.*)."
     )
     parser.add_argument("input", metavar="IN", help="torchvision ResNet-50 state dict (.pth)")
     parser.add_argument("output", metavar="OUT", help="detectron2 checkpoint to write (.pth)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--layout",
+        choices=sorted(LAYOUTS),
+        default="c4",
+        help="the model the names are for: c4 (res5 in the box head, the default) or fpn",
+    )
     args = parser.parse_args(argv)
     src, dst = args.input, args.output
     if dst.endswith((".pkl", ".pyth")):
@@ -237,7 +233,7 @@ def main(argv=None):
     except (OSError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         sys.exit(f"error: {src}: cannot be read as a PyTorch state dict: {e}")
     try:
-        model = convert_torchvision_resnet(state_dict)
+        model = convert_torchvision_resnet(state_dict, args.layout)
     except (TypeError, ValueError) as e:
         sys.exit(f"error: {src}: {e}")
 
@@ -261,7 +257,8 @@ def main(argv=None):
     source_keys = {k.removeprefix("module.") for k in _unwrap(state_dict)}
     dropped = [k for k in OPTIONAL_KEYS if k in source_keys]
     print(f"Converted {len(model)} tensors from {src} (torchvision ResNet-50) into {dst}:")
-    print("  conv1/bn1, layer1-3 -> backbone.stem, backbone.res2-res4; layer4 -> roi_heads.res5")
+    backbone, res5 = LAYOUTS[args.layout]
+    print(f"  conv1/bn1, layer1-3 -> {backbone}stem, {backbone}res2-res4; layer4 -> {res5}res5")
     print(f"  {norms} BatchNorm layers with their running statistics (EvalNorm needs them)")
     if dropped:
         print(f"  dropped {', '.join(dropped)}: the ImageNet classifier, unused in detection")

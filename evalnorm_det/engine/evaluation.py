@@ -1,45 +1,156 @@
-"""Evaluate the same weights under several normalization modes; the Table 2 layout."""
+"""Evaluate one set of weights under every normalization choice; the table of the results."""
 
+import contextlib
+import csv
+import logging
 import math
 
+import torch
+from detectron2.utils.events import EventStorage
+from fvcore.nn.precise_bn import update_bn_stats
+from torch import nn
+
 from ..layers import EvalNorm2d
-from ..modes import evalnorm_mode
+from ..modes import TEST_MODES, evalnorm_mode
 
-__all__ = ["MODE_LABELS", "evaluate_modes", "format_table"]
+__all__ = [
+    "METRICS",
+    "evaluate_modes",
+    "evaluation_mode",
+    "format_table",
+    "table_rows",
+    "write_tables",
+]
 
-# Row labels, as in the paper.
-MODE_LABELS = {"ema": "EMA", "en": "EN", "rule_of_thumb": "1/B^2", "simple": "1/B"}
+logger = logging.getLogger(__name__)
+
 METRICS = ("AP", "AP50", "AP75")
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+NEEDS_EVALNORM = ("en", "en_offline", "rule_of_thumb", "simple", "head_batch_stats")
 
 
-def evaluate_modes(model, modes, evaluate):
-    """``{mode: evaluate(mode)}``, each call made with every EvalNorm2d of ``model`` in that mode.
+@contextlib.contextmanager
+def evaluation_mode(model, mode, train_batches=None, estimate_offline=None, precise_bn_iters=200):
+    """Within the block, ``model`` evaluates as ``mode`` (a key of ``TEST_MODES``); on exit
+    every coefficient, statistic and mode is as before.
 
-    A model without EvalNorm2d layers is evaluated once, as ``"ema"`` (plain BatchNorm).
+    - "ema", "en", "rule_of_thumb", "simple": every EvalNorm2d in that mode (``evalnorm_mode``).
+    - "en_offline": alpha/beta fitted now by ``estimate_offline(model, train_batches())``, then "en".
+    - "precise_bn": detectron2's PreciseBN: the running statistics of every BatchNorm recomputed
+      as population statistics over ``precise_bn_iters`` batches of ``train_batches()``, then "ema".
+    - "head_batch_stats": "ema" in the backbone, and the ROI heads' norms on the statistics of the
+      batch of ROIs they evaluate ("Rethinking Batch in BatchNorm", Wu and Johnson, 2021).
+
+    ``train_batches``: a callable returning an iterator of training batches, B images per process.
+    """
+    if mode not in TEST_MODES:
+        raise ValueError(f"Unknown test mode {mode!r}: expected one of {', '.join(TEST_MODES)}")
+    has_evalnorm = any(isinstance(m, EvalNorm2d) for m in model.modules())
+    if mode in NEEDS_EVALNORM and not has_evalnorm:
+        raise ValueError(f"Test mode {mode!r} needs EvalNorm2d layers; the model has none")
+    with contextlib.ExitStack() as stack:
+        if mode == "en_offline":
+            stack.enter_context(_restored(model, ("alpha_logit", "beta_logit")))
+            estimate_offline(model, train_batches())
+        elif mode == "precise_bn":
+            stack.enter_context(_restored(model, STATISTICS))
+            with EventStorage(), _training(model):
+                update_bn_stats(model, train_batches(), precise_bn_iters)
+        layer_mode = {"en_offline": "en", "precise_bn": "ema", "head_batch_stats": "ema"}.get(
+            mode, mode
+        )
+        if has_evalnorm:
+            stack.enter_context(evalnorm_mode(model, layer_mode))
+        if mode == "head_batch_stats":
+            for name, head in model.named_modules():
+                if name.split(".")[-1] == "roi_heads":
+                    stack.enter_context(evalnorm_mode(head, "batch"))
+        yield model
+
+
+def evaluate_modes(model, modes, evaluate, **kwargs):
+    """``{mode: evaluate(mode)}``, each call made within ``evaluation_mode(model, mode, **kwargs)``.
+
+    A model without EvalNorm2d layers is evaluated only in the modes that need none ("ema",
+    "precise_bn").
     """
     if not any(isinstance(m, EvalNorm2d) for m in model.modules()):
-        return {"ema": evaluate("ema")}
+        skipped = [m for m in modes if m in NEEDS_EVALNORM]
+        if skipped:
+            logger.warning("No EvalNorm2d layer in the model: skipping modes %s", skipped)
+        modes = [m for m in modes if m not in NEEDS_EVALNORM] or ["ema"]
     results = {}
     for mode in modes:
-        with evalnorm_mode(model, mode):
+        with evaluation_mode(model, mode, **kwargs):
             results[mode] = evaluate(mode)
     return results
 
 
-def format_table(results, title, task="bbox"):
-    """Table 2 of the paper for one run: a row per mode with AP, AP50, AP75 (COCO, in %), and
-    ``EN - EMA`` when both modes are present. ``results``: ``{mode: {task: {metric: value}}}``.
-    """
+def table_rows(results, task="bbox"):
+    """[(label, [AP, AP50, AP75])] for ``{mode: {task: {metric: value}}}``, with an
+    ``EN - EMA`` row after EN when both modes are present."""
     rows = [
-        (MODE_LABELS.get(mode, mode), [r.get(task, {}).get(m, math.nan) for m in METRICS])
+        (TEST_MODES.get(mode, mode), [r.get(task, {}).get(m, math.nan) for m in METRICS])
         for mode, r in results.items()
     ]
     if "en" in results and "ema" in results:
-        en, ema = (dict(rows)[MODE_LABELS[k]] for k in ("en", "ema"))
+        en, ema = (dict(rows)[TEST_MODES[k]] for k in ("en", "ema"))
         rows.insert(list(results).index("en") + 1, ("EN - EMA", [a - b for a, b in zip(en, ema)]))
+    return rows
+
+
+def format_table(results, title, task="bbox"):
+    """The table as text, in the layout of the paper's Table 2: a row per mode with AP, AP50,
+    AP75 (COCO, in %), and ``EN - EMA``."""
+    rows = table_rows(results, task)
     width = max(len(label) for label, _ in rows)
     lines = [title, f"{'':<{width}}" + "".join(f"{m:>9}" for m in METRICS)]
     for label, values in rows:
         sign = "+" if label == "EN - EMA" else ""
         lines.append(f"{label:<{width}}" + "".join(f"{v:>{sign}9.2f}" for v in values))
     return "\n".join(lines)
+
+
+def write_tables(results, title, prefix, task="bbox"):
+    """The table as ``prefix.txt`` (as printed), ``prefix.csv`` and ``prefix.md``."""
+    rows = table_rows(results, task)
+    with open(prefix + ".txt", "w") as f:
+        f.write(format_table(results, title, task) + "\n")
+    with open(prefix + ".csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["mode", *METRICS])
+        writer.writerows([label, *(f"{v:.4f}" for v in values)] for label, values in rows)
+    with open(prefix + ".md", "w") as f:
+        f.write(f"{title}\n\n| mode | {' | '.join(METRICS)} |\n|---|" + "---:|" * len(METRICS))
+        for label, values in rows:
+            sign = "+" if label == "EN - EMA" else ""
+            f.write(f"\n| {label} | " + " | ".join(f"{v:{sign}.2f}" for v in values) + " |")
+        f.write("\n")
+
+
+@contextlib.contextmanager
+def _restored(model, names):
+    """Puts back, on exit, the tensors ``names`` of every BatchNorm-type layer that has them."""
+    saved = [
+        (m, name, getattr(m, name).detach().clone())
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for name in names
+        if isinstance(getattr(m, name, None), torch.Tensor)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, value in saved:
+                getattr(m, name).copy_(value)
+
+
+@contextlib.contextmanager
+def _training(model):
+    was_training = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -13,15 +13,18 @@ from detectron2.data import (
 )
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer
+from detectron2.engine.hooks import PeriodicWriter
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
 
-from ..config import check_evalnorm_config, norm_batch_sizes
+from ..config import check_evalnorm_config, norm_batch_sizes, test_modes
 from ..layers import EvalNorm2d
 from ..modeling import reset_norms
 from .checkpoint import EvalNormCheckpointer
-from .evaluation import evaluate_modes, format_table
+from .evaluation import evaluate_modes, format_table, write_tables
 from .hooks import OnlineEstimationHook
+from .rescue import estimate_offline_from_config, training_batches
 
 __all__ = ["Trainer", "build_augmentation"]
 
@@ -48,7 +51,7 @@ class Trainer(DefaultTrainer):
     - regime (b): resets the norms after loading ``MODEL.WEIGHTS`` when
       ``MODEL.EVALNORM.RESET_NORM``;
     - ``test`` evaluates every mode of ``TEST.EVALNORM_MODES`` with COCO AP and writes the
-      table to ``OUTPUT_DIR/evalnorm_table.txt`` and ``evalnorm_results.json``.
+      table to ``OUTPUT_DIR/evalnorm_table.{txt,csv,md}`` and ``evalnorm_results.json``.
     """
 
     def __init__(self, cfg):
@@ -75,6 +78,11 @@ class Trainer(DefaultTrainer):
                 log_period=online.LOG_PERIOD,
             )
             hooks.insert(2, hook)  # after IterationTimer and LRScheduler, before checkpoints
+            # The writers keep only each scalar's latest value: write at least as often as the
+            # hook logs, so TensorBoard and metrics.json get every alpha/beta point.
+            for h in hooks:
+                if isinstance(h, PeriodicWriter):
+                    h._period = min(h._period, online.LOG_PERIOD)
         return hooks
 
     def resume_or_load(self, resume=True):
@@ -107,22 +115,38 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         """``{mode: {dataset: results}}`` (``{mode: results}`` for one test dataset) for every
-        mode of ``TEST.EVALNORM_MODES``; prints and saves one table per dataset."""
+        mode of ``TEST.EVALNORM_MODES``; prints and saves one table per dataset (see
+        ``write_tables``). Modes that need training batches ("en_offline", "precise_bn") take
+        them from ``build_train_loader``, B images per process."""
         if evaluators is not None:
             raise ValueError("Trainer.test builds one evaluator per mode: pass evaluators=None")
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
         images_per_gpu, _ = norm_batch_sizes(cfg)
+        batches = []  # built at most once, and only if a mode needs them
+
+        def train_batches():
+            if not batches:
+                batches.append(training_batches(cfg, cls.build_train_loader))
+            return batches[0]
+
+        kwargs = {
+            "train_batches": train_batches,
+            "estimate_offline": functools.partial(estimate_offline_from_config, cfg),
+            "precise_bn_iters": cfg.TEST.PRECISE_BN.NUM_ITER,
+        }
         results = {}
         for dataset_name in cfg.DATASETS.TEST:
             loader = cls.build_test_loader(cfg, dataset_name)
             evaluate = functools.partial(cls._evaluate_mode, cfg, model, dataset_name, loader)
-            per_mode = evaluate_modes(model, cfg.TEST.EVALNORM_MODES, evaluate)
+            per_mode = evaluate_modes(model, test_modes(cfg), evaluate, **kwargs)
             for mode, res in per_mode.items():
                 results.setdefault(mode, {})[dataset_name] = res
             if comm.is_main_process():
                 title = (
                     f"{dataset_name}: COCO box AP (%), {images_per_gpu} images per GPU in training"
                 )
-                cls._save_table(cfg, dataset_name, format_table(per_mode, title), per_mode)
+                cls._save_table(cfg, dataset_name, title, per_mode)
         if len(cfg.DATASETS.TEST) == 1:
             results = {mode: r[cfg.DATASETS.TEST[0]] for mode, r in results.items()}
         return results
@@ -138,12 +162,12 @@ class Trainer(DefaultTrainer):
         return res
 
     @staticmethod
-    def _save_table(cfg, dataset_name, table, per_mode):
-        logger.info("EvalNorm evaluation modes:\n%s", table)
-        print(table, flush=True)
+    def _save_table(cfg, dataset_name, title, per_mode):
+        print(format_table(per_mode, title), flush=True)
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         suffix = "" if len(cfg.DATASETS.TEST) == 1 else f"_{dataset_name}"
-        with open(os.path.join(cfg.OUTPUT_DIR, f"evalnorm_table{suffix}.txt"), "w") as f:
-            f.write(table + "\n")
+        prefix = os.path.join(cfg.OUTPUT_DIR, f"evalnorm_table{suffix}")
+        write_tables(per_mode, title, prefix)
+        logger.info("EvalNorm table written to %s.{txt,csv,md}", prefix)
         with open(os.path.join(cfg.OUTPUT_DIR, f"evalnorm_results{suffix}.json"), "w") as f:
             json.dump(per_mode, f, indent=2)

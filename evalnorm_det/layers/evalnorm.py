@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 #   "ema"            the running (EMA) statistics alone: exactly BatchNorm2d.eval()
 #   "rule_of_thumb"  alpha = beta = 1 / B^2, B = norm_batch_size
 #   "simple"         alpha = beta = 1 / B
-EVAL_MODES = ("en", "ema", "rule_of_thumb", "simple")
+#   "batch"          the statistics of the evaluated batch itself, as in training (without
+#                    updating the EMA): "batch statistics at inference" (Wu and Johnson, 2021)
+EVAL_MODES = ("en", "ema", "rule_of_thumb", "simple", "batch")
 
 _missing_coefficients_logged = False
 
@@ -206,6 +208,8 @@ class EvalNorm2d(nn.BatchNorm2d):
             xg, means, variances, self.weight.repeat(k), self.bias.repeat(k), True, 1.0, self.eps
         )
         y = y.view(group_size, k, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+        if not self.track_running_stats:  # as BatchNorm2d: batch statistics, EMA untouched
+            return y
         with torch.no_grad():
             for mean, var in zip(means.view(k, c), variances.view(k, c)):
                 self.num_batches_tracked.add_(1)
@@ -220,6 +224,8 @@ class EvalNorm2d(nn.BatchNorm2d):
     def _evaluate(self, x):
         if self.mode == "ema" or x.shape[0] == 0:
             return super().forward(x)
+        if self.mode == "batch":
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         if self.mode == "en":
             alpha, beta = torch.sigmoid(self.alpha_logit), torch.sigmoid(self.beta_logit)
         elif self.mode in ("rule_of_thumb", "simple"):

@@ -1,13 +1,24 @@
-"""detectron2 components, registered on import: the C4 backbone and the Res5 ROI heads."""
+"""detectron2 components, registered on import: the C4 and FPN backbones, the Res5 ROI heads
+and the conv+fc box head."""
 
-from .backbone import build_evalnorm_resnet_c4_backbone
-from .norms import freeze_norms, norm_factory, reset_norms
+from .backbone import (
+    build_evalnorm_resnet,
+    build_evalnorm_resnet_c4_backbone,
+    build_evalnorm_resnet_fpn_backbone,
+)
+from .box_head import EvalNormConvFCHead
+from .norms import convert_norms, freeze_norms, in_roi_heads, norm_factory, reset_norms
 from .roi_heads import EvalNormRes5ROIHeads
 
 __all__ = [
+    "EvalNormConvFCHead",
     "EvalNormRes5ROIHeads",
+    "build_evalnorm_resnet",
     "build_evalnorm_resnet_c4_backbone",
+    "build_evalnorm_resnet_fpn_backbone",
+    "convert_norms",
     "freeze_norms",
+    "in_roi_heads",
     "norm_factory",
     "reset_norms",
 ]

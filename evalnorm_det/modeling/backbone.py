@@ -1,34 +1,37 @@
-"""The C4 ResNet backbone (stem, res2-res4) with EvalNorm, registered in BACKBONE_REGISTRY."""
+"""ResNet backbones with EvalNorm, registered in BACKBONE_REGISTRY: C4 (stem, res2-res4) and
+FPN (stem, res2-res5 under detectron2's ``FPN``)."""
 
 from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 
 from ..config import norm_batch_sizes
 from .norms import freeze_norms, norm_factory
 
-__all__ = ["BLOCKS_PER_STAGE", "build_evalnorm_resnet_c4_backbone"]
+__all__ = [
+    "BLOCKS_PER_STAGE",
+    "build_evalnorm_resnet",
+    "build_evalnorm_resnet_c4_backbone",
+    "build_evalnorm_resnet_fpn_backbone",
+]
 
 # Residual blocks in res2..res5 for each MODEL.RESNETS.DEPTH.
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
-@BACKBONE_REGISTRY.register()
-def build_evalnorm_resnet_c4_backbone(cfg, input_shape):
-    """detectron2's ResNet stem and res2-res4, normalized by ``MODEL.EVALNORM.BACKBONE_NORM``
-    with B = images per GPU. ``MODEL.RESNETS`` sets the architecture as for detectron2's
-    ``build_resnet_backbone``, with the same module names (so the same checkpoints), except
-    ``NORM``, which is ignored, and deformable convolutions, which are not supported.
-    ``MODEL.BACKBONE.FREEZE_AT`` keeps its meaning (1: stem, 2: stem and res2, ...); frozen EN
-    layers become FrozenEN, not FrozenBN, so they keep EvalNorm's evaluation."""
+def build_evalnorm_resnet(cfg, input_shape, num_stages):
+    """detectron2's ResNet: the stem and the first ``num_stages`` stages (3: res2-res4, 4:
+    res2-res5), returning ``MODEL.RESNETS.OUT_FEATURES``, normalized by
+    ``MODEL.EVALNORM.BACKBONE_NORM`` with B = images per GPU. ``MODEL.RESNETS`` sets the
+    architecture as for detectron2's ``build_resnet_backbone``, with the same module names (so
+    the same checkpoints), except ``NORM``, which is ignored, and deformable convolutions, which
+    are not supported. ``MODEL.BACKBONE.FREEZE_AT`` keeps its meaning (1: stem, 2: stem and
+    res2, ...); frozen EN layers become FrozenEN, not FrozenBN, so they keep EvalNorm's
+    evaluation."""
     r = cfg.MODEL.RESNETS
     if r.DEPTH not in BLOCKS_PER_STAGE:
         raise ValueError(
             f"MODEL.RESNETS.DEPTH={r.DEPTH}: expected one of {sorted(BLOCKS_PER_STAGE)}"
-        )
-    if not set(r.OUT_FEATURES) <= {"stem", "res2", "res3", "res4"}:
-        raise ValueError(
-            f"MODEL.RESNETS.OUT_FEATURES={list(r.OUT_FEATURES)}: the C4 backbone ends at res4 "
-            "(res5 belongs to EvalNormRes5ROIHeads); use ['res4']"
         )
     if any(r.DEFORM_ON_PER_STAGE):
         raise ValueError(
@@ -40,7 +43,7 @@ def build_evalnorm_resnet_c4_backbone(cfg, input_shape):
     in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
     bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
     stages = []
-    for idx, num_blocks in enumerate(BLOCKS_PER_STAGE[r.DEPTH][:3]):
+    for idx, num_blocks in enumerate(BLOCKS_PER_STAGE[r.DEPTH][:num_stages]):
         kwargs = {}
         if r.DEPTH >= 50:
             kwargs = {
@@ -70,3 +73,44 @@ def build_evalnorm_resnet_c4_backbone(cfg, input_shape):
         if freeze_at >= idx:
             freeze_norms(module)
     return resnet
+
+
+@BACKBONE_REGISTRY.register()
+def build_evalnorm_resnet_c4_backbone(cfg, input_shape):
+    """The C4 backbone: :func:`build_evalnorm_resnet`'s stem and res2-res4 (res5 is in
+    ``EvalNormRes5ROIHeads``)."""
+    out_features = list(cfg.MODEL.RESNETS.OUT_FEATURES)
+    if not set(out_features) <= {"stem", "res2", "res3", "res4"}:
+        raise ValueError(
+            f"MODEL.RESNETS.OUT_FEATURES={out_features}: the C4 backbone ends at res4 "
+            "(res5 belongs to EvalNormRes5ROIHeads); use ['res4']"
+        )
+    return build_evalnorm_resnet(cfg, input_shape, num_stages=3)
+
+
+@BACKBONE_REGISTRY.register()
+def build_evalnorm_resnet_fpn_backbone(cfg, input_shape):
+    """detectron2's ``build_resnet_fpn_backbone`` with EvalNorm: :func:`build_evalnorm_resnet`'s
+    stem and res2-res5 as ``bottom_up`` of an ``FPN`` with ``LastLevelMaxPool`` (p2-p6 from
+    ``MODEL.FPN.IN_FEATURES`` res2-res5); same module names (``bottom_up.res2``,
+    ``fpn_lateral2``, ...), so the same checkpoints. ``MODEL.FPN.NORM`` keeps detectron2's
+    meaning ("": none) and also takes "EN"/"FrozenEN", with B = images per GPU."""
+    r, fpn = cfg.MODEL.RESNETS, cfg.MODEL.FPN
+    if not set(fpn.IN_FEATURES) <= set(r.OUT_FEATURES):
+        raise ValueError(
+            f"MODEL.FPN.IN_FEATURES={list(fpn.IN_FEATURES)}: FPN takes only ResNet outputs, "
+            f"MODEL.RESNETS.OUT_FEATURES={list(r.OUT_FEATURES)}"
+        )
+    if r.RES5_DILATION != 1:
+        raise ValueError(
+            f"MODEL.RESNETS.RES5_DILATION={r.RES5_DILATION}: FPN needs res5 at stride 32; use 1"
+        )
+    images_per_gpu, _ = norm_batch_sizes(cfg)
+    return FPN(
+        bottom_up=build_evalnorm_resnet(cfg, input_shape, num_stages=4),
+        in_features=fpn.IN_FEATURES,
+        out_channels=fpn.OUT_CHANNELS,
+        norm=norm_factory(cfg, fpn.NORM, images_per_gpu),
+        top_block=LastLevelMaxPool(),
+        fuse_type=fpn.FUSE_TYPE,
+    )

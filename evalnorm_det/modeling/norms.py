@@ -1,13 +1,15 @@
-"""Norm layers from the config, and the regimes' operations on them (freeze, reset)."""
+"""Norm layers from the config, and operations on a model's norms: freeze and reset (the
+regimes), conversion of a BN model to EvalNorm (the rescue of BN checkpoints)."""
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
-from ..convert import _replace_modules
+from ..config import norm_batch_sizes
+from ..convert import _replace_modules, convert_to_evalnorm
 from ..layers import EVALNORM_NAMES, EvalNorm2d, get_norm
 
-__all__ = ["freeze_norms", "norm_factory", "reset_norms"]
+__all__ = ["convert_norms", "freeze_norms", "in_roi_heads", "norm_factory", "reset_norms"]
 
 
 def norm_factory(cfg, norm, norm_batch_size):
@@ -16,16 +18,46 @@ def norm_factory(cfg, norm, norm_batch_size):
     evaluation mode) for normalization batch size ``norm_batch_size``."""
     if norm not in EVALNORM_NAMES:
         return norm
-    en = cfg.MODEL.EVALNORM
-    init = (en.INIT_ALPHA, en.INIT_BETA) if en.INIT == "value" else (en.INIT,)
 
     def make(channels):
-        layer = get_norm(norm, channels, norm_batch_size=norm_batch_size)
-        layer.set_coefficients(*init)
-        layer.mode = en.EVAL_MODE
-        return layer
+        return _configure(cfg, get_norm(norm, channels, norm_batch_size=norm_batch_size))
 
     return make
+
+
+def _configure(cfg, layer):
+    """Initial alpha/beta (``MODEL.EVALNORM.INIT``) and evaluation mode of a new layer."""
+    en = cfg.MODEL.EVALNORM
+    layer.set_coefficients(*((en.INIT_ALPHA, en.INIT_BETA) if en.INIT == "value" else (en.INIT,)))
+    layer.mode = en.EVAL_MODE
+    return layer
+
+
+def in_roi_heads(name):
+    """Whether the module called ``name`` in a GeneralizedRCNN belongs to its ROI heads, whose
+    norms pool the sampled ROIs rather than the images."""
+    return "roi_heads" in name.split(".")
+
+
+def convert_norms(cfg, model):
+    """Make every BatchNorm-type layer of a built detectron2 model that is not EvalNorm yet an
+    ``EvalNorm2d`` (``FrozenBatchNorm2d``: a frozen one), keeping weights and statistics: a BN
+    model becomes one that evaluates in every EvalNorm mode, and in "ema" exactly as before.
+
+    B is that of the layer's place in training (``norm_batch_sizes``): sampled ROIs per GPU in
+    the ROI heads, images per GPU elsewhere. alpha/beta start from ``MODEL.EVALNORM.INIT``, the
+    evaluation mode is ``MODEL.EVALNORM.EVAL_MODE``. In place; returns the number converted.
+    """
+    images, rois = norm_batch_sizes(cfg)
+    existing = {id(m) for m in model.modules() if isinstance(m, EvalNorm2d)}
+    heads = [(name, m) for name, m in model.named_children() if in_roi_heads(name)]
+    for name, head in heads:
+        setattr(model, name, convert_to_evalnorm(head, rois, init="ema"))
+    convert_to_evalnorm(model, images, init="ema")
+    converted = [m for m in model.modules() if isinstance(m, EvalNorm2d) and id(m) not in existing]
+    for m in converted:
+        _configure(cfg, m)
+    return len(converted)
 
 
 def freeze_norms(module):
