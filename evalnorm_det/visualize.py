@@ -18,6 +18,7 @@ import torch
 from detectron2.utils.events import EventStorage
 from matplotlib.figure import Figure
 
+from .engine.checkpoint import read_checkpoint
 from .layers import EvalNorm2d
 from .modes import evalnorm_mode, keep_running_stats
 
@@ -105,11 +106,11 @@ def save_png(fig, path):
 
 
 def load_model_state_dict(path):
-    """The model's state dict in checkpoint ``path``: detectron2's ``{"model": state_dict, ...}``
-    or a bare state dict. ``ValueError`` (unreadable) or ``TypeError`` (not a state dict) naming
+    """The model's state dict in checkpoint ``path`` (read by ``read_checkpoint``, so .pkl too):
+    detectron2's ``{"model": state_dict, ...}`` or a bare state dict. ``ValueError`` (unreadable) or ``TypeError`` (not a state dict) naming
     the file otherwise."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = read_checkpoint(path)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint: {e}") from e
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
