@@ -36,6 +36,14 @@ def add_evalnorm_config(cfg):
     # estimation and the rule of thumb use the training's B on any number of GPUs; a training
     # run checks that it equals its images per GPU.
     _C.MODEL.EVALNORM.NORM_BATCH_SIZE = 0
+    # One process reproducing k GPUs x B images (the paper's section 4.1 setup): when True, the
+    # SOLVER.IMS_PER_BATCH / processes images of each process are normalized in groups of
+    # NORM_BATCH_SIZE (B) consecutive images, each group with its own statistics, in the
+    # backbone's EN layers, and the C4 box head's res5 normalizes the ROIs of each group of
+    # images together. The running statistics are updated from each group in turn. Needs
+    # NORM_BATCH_SIZE > 0 dividing the images per process, and norms that do not pool the
+    # batch otherwise (EN, FrozenEN, FrozenBN, GN or none).
+    _C.MODEL.EVALNORM.MICROBATCH = False
     # How alpha and beta start in every EN/FrozenEN layer: "rule_of_thumb" (1/B^2), "simple"
     # (1/B), or "value" (INIT_ALPHA and INIT_BETA). B: images per GPU (NORM_BATCH_SIZE) in the
     # backbone, sampled ROIs per GPU (MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE * images per GPU)
@@ -162,15 +170,52 @@ def check_evalnorm_config(cfg, world_size=None, training=True):
         _check_choice(mode, (*TEST_MODES, "all"), "TEST.EVALNORM_MODES entry")
     if cfg.INPUT.SQUARE_SIZE < 0:
         raise ValueError(f"INPUT.SQUARE_SIZE={cfg.INPUT.SQUARE_SIZE!r}: expected 0 (off) or > 0")
+    if en.MICROBATCH:
+        _check_microbatch(cfg)
     if training or not en.NORM_BATCH_SIZE:
         images = images_per_process(cfg, world_size)
-        if en.NORM_BATCH_SIZE and en.NORM_BATCH_SIZE != images:
+        if en.MICROBATCH and images % en.NORM_BATCH_SIZE:
+            raise ValueError(
+                f"MODEL.EVALNORM.MICROBATCH: SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} / "
+                f"{cfg.SOLVER.IMS_PER_BATCH // images} processes = {images} images per process "
+                f"do not split into groups of MODEL.EVALNORM.NORM_BATCH_SIZE="
+                f"{en.NORM_BATCH_SIZE}"
+            )
+        if en.NORM_BATCH_SIZE and en.NORM_BATCH_SIZE != images and not en.MICROBATCH:
             raise ValueError(
                 f"MODEL.EVALNORM.NORM_BATCH_SIZE={en.NORM_BATCH_SIZE}, but training puts "
                 f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} / "
                 f"{cfg.SOLVER.IMS_PER_BATCH // images} processes = {images} images on each GPU. "
                 f"Set SOLVER.IMS_PER_BATCH to {en.NORM_BATCH_SIZE} x the number of GPUs."
             )
+
+
+def _check_microbatch(cfg):
+    en = cfg.MODEL.EVALNORM
+    if not en.NORM_BATCH_SIZE:
+        raise ValueError(
+            "MODEL.EVALNORM.MICROBATCH needs MODEL.EVALNORM.NORM_BATCH_SIZE, the images in each "
+            "group (the images per GPU being reproduced); it is 0"
+        )
+    # BN and SyncBN would pool all the images of the process, not each group.
+    pooling = ("BN", "SyncBN")
+    keys = {
+        "MODEL.EVALNORM.BACKBONE_NORM": en.BACKBONE_NORM,
+        "MODEL.EVALNORM.ROI_HEAD_NORM": en.ROI_HEAD_NORM,
+        "MODEL.FPN.NORM": cfg.MODEL.FPN.NORM,
+    }
+    for key, norm in keys.items():
+        if norm in pooling:
+            raise ValueError(
+                f"{key}={norm!r} normalizes over all images of a process: "
+                "MODEL.EVALNORM.MICROBATCH needs EN, FrozenEN, FrozenBN, GN or ''"
+            )
+    if en.ROI_HEAD_NORM in EVALNORM_NAMES and cfg.MODEL.ROI_HEADS.NAME != "EvalNormRes5ROIHeads":
+        raise ValueError(
+            f"MODEL.EVALNORM.MICROBATCH with MODEL.EVALNORM.ROI_HEAD_NORM={en.ROI_HEAD_NORM!r} "
+            "groups the ROIs of each group of images only in the C4 box head "
+            f"(MODEL.ROI_HEADS.NAME 'EvalNormRes5ROIHeads'), not {cfg.MODEL.ROI_HEADS.NAME!r}"
+        )
 
 
 def _check_number(key, value, expected, integer=False):

@@ -13,7 +13,7 @@ __all__ = ["EVALNORM_NAMES", "get_norm"]
 EVALNORM_NAMES = ("EN", "FrozenEN")
 
 
-def get_norm(norm, out_channels, *, norm_batch_size=None):
+def get_norm(norm, out_channels, *, norm_batch_size=None, microbatch=False):
     """The normalization layer for ``out_channels`` channels.
 
     Args:
@@ -21,13 +21,18 @@ def get_norm(norm, out_channels, *, norm_batch_size=None):
             knows ("BN", "SyncBN", "FrozenBN", "GN", ...), "" or None (no layer), or a
             callable taking the channel count and returning a module.
         norm_batch_size (int or None): B for EvalNorm layers (rule of thumb, microbatch).
+        microbatch (bool): EvalNorm layers normalize each group of ``norm_batch_size``
+            samples on its own in training (see ``EvalNorm2d``).
 
     Returns:
         nn.Module or None.
     """
     if norm in EVALNORM_NAMES:
         norm = functools.partial(
-            EvalNorm2d, norm_batch_size=norm_batch_size, frozen=norm == "FrozenEN"
+            EvalNorm2d,
+            norm_batch_size=norm_batch_size,
+            microbatch=microbatch,
+            frozen=norm == "FrozenEN",
         )
     elif isinstance(norm, str) and norm:
         try:

@@ -27,7 +27,8 @@ def build_evalnorm_resnet(cfg, input_shape, num_stages):
     the same checkpoints), except ``NORM``, which is ignored, and deformable convolutions, which
     are not supported. ``MODEL.BACKBONE.FREEZE_AT`` keeps its meaning (1: stem, 2: stem and
     res2, ...); frozen EN layers become FrozenEN, not FrozenBN, so they keep EvalNorm's
-    evaluation."""
+    evaluation. With ``MODEL.EVALNORM.MICROBATCH``, EN layers normalize each group of B images
+    on its own in training."""
     r = cfg.MODEL.RESNETS
     if r.DEPTH not in BLOCKS_PER_STAGE:
         raise ValueError(
@@ -38,7 +39,9 @@ def build_evalnorm_resnet(cfg, input_shape, num_stages):
             "MODEL.RESNETS.DEFORM_ON_PER_STAGE: deformable convolutions are unsupported"
         )
     images_per_gpu, _ = norm_batch_sizes(cfg)
-    norm = norm_factory(cfg, cfg.MODEL.EVALNORM.BACKBONE_NORM, images_per_gpu)
+    norm = norm_factory(
+        cfg, cfg.MODEL.EVALNORM.BACKBONE_NORM, images_per_gpu, cfg.MODEL.EVALNORM.MICROBATCH
+    )
     stem = BasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, norm=norm)
     in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
     bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
@@ -110,7 +113,7 @@ def build_evalnorm_resnet_fpn_backbone(cfg, input_shape):
         bottom_up=build_evalnorm_resnet(cfg, input_shape, num_stages=4),
         in_features=fpn.IN_FEATURES,
         out_channels=fpn.OUT_CHANNELS,
-        norm=norm_factory(cfg, fpn.NORM, images_per_gpu),
+        norm=norm_factory(cfg, fpn.NORM, images_per_gpu, cfg.MODEL.EVALNORM.MICROBATCH),
         top_block=LastLevelMaxPool(),
         fuse_type=fpn.FUSE_TYPE,
     )

@@ -12,15 +12,17 @@ from ..layers import EVALNORM_NAMES, EvalNorm2d, get_norm
 __all__ = ["convert_norms", "freeze_norms", "in_roi_heads", "norm_factory", "reset_norms"]
 
 
-def norm_factory(cfg, norm, norm_batch_size):
+def norm_factory(cfg, norm, norm_batch_size, microbatch=False):
     """What detectron2's blocks take as ``norm``: ``norm`` itself for detectron2's names, else
     a callable ``channels -> EvalNorm2d`` set up from ``MODEL.EVALNORM`` (initial alpha/beta,
-    evaluation mode) for normalization batch size ``norm_batch_size``."""
+    evaluation mode) for normalization batch size ``norm_batch_size``, normalizing groups of
+    that many samples in training when ``microbatch``."""
     if norm not in EVALNORM_NAMES:
         return norm
 
     def make(channels):
-        return _configure(cfg, get_norm(norm, channels, norm_batch_size=norm_batch_size))
+        layer = get_norm(norm, channels, norm_batch_size=norm_batch_size, microbatch=microbatch)
+        return _configure(cfg, layer)
 
     return make
 

@@ -1,5 +1,7 @@
 """``Res5ROIHeads`` whose res5 uses the ROI head's own norm, registered in ROI_HEADS_REGISTRY."""
 
+import torch
+from detectron2.config import configurable
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.backbone.resnet import BottleneckBlock, ResNet
 from detectron2.modeling.roi_heads import Res5ROIHeads
@@ -16,6 +18,25 @@ class EvalNormRes5ROIHeads(Res5ROIHeads):
     """detectron2's C4 box head; res5 is normalized by ``MODEL.EVALNORM.ROI_HEAD_NORM`` with
     B = sampled ROIs per GPU (``MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE`` x images per GPU), the
     batch its BatchNorm pools in training. Architecture and module names as detectron2's."""
+
+    @configurable
+    def __init__(self, *, microbatch_images=0, **kwargs):
+        """
+        Args:
+            microbatch_images (int): when > 0, in training, res5 runs once per group of this
+                many consecutive images, so its norms pool the ROIs of each group on their own
+                (``MODEL.EVALNORM.MICROBATCH``: one process reproducing several GPUs).
+            kwargs: as ``Res5ROIHeads``.
+        """
+        super().__init__(**kwargs)
+        self.microbatch_images = microbatch_images
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        en = cfg.MODEL.EVALNORM
+        ret["microbatch_images"] = en.NORM_BATCH_SIZE if en.MICROBATCH else 0
+        return ret
 
     @classmethod
     def _build_res5_block(cls, cfg):
@@ -34,3 +55,12 @@ class EvalNormRes5ROIHeads(Res5ROIHeads):
             stride_in_1x1=r.STRIDE_IN_1X1,
         )
         return nn.Sequential(*blocks), out_channels
+
+    def _shared_roi_transform(self, features, boxes):
+        if not (self.training and self.microbatch_images):
+            return super()._shared_roi_transform(features, boxes)
+        x = self.pooler(features, boxes)
+        counts = [len(b) for b in boxes]
+        g = self.microbatch_images
+        groups = [sum(counts[i : i + g]) for i in range(0, len(counts), g)]
+        return torch.cat([self.res5(rois) for rois in x.split(groups)])
