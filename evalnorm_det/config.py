@@ -68,6 +68,10 @@ def add_evalnorm_config(cfg):
     _C.MODEL.EVALNORM.ONLINE.MOMENTUM = 0.9  # SGD only
     # Iterations between writes of every layer's alpha and beta to the event storage.
     _C.MODEL.EVALNORM.ONLINE.LOG_PERIOD = 20
+    # Each layer's auxiliary loss averages about this many (sample, position) pairs per
+    # channel, at a fixed stride (0: all). Statistics are always the whole batch's; this only
+    # bounds the cost of the loss on large feature maps (see benchmarks/overhead.py).
+    _C.MODEL.EVALNORM.ONLINE.MAX_POSITIONS = 0
 
     # Offline estimation of alpha/beta on a trained model (section 3.4, "EN offline"):
     # tools/estimate_offline.py and the "en_offline" test mode. Training images go through the
@@ -158,6 +162,9 @@ def check_evalnorm_config(cfg, world_size=None, training=True):
     _check_number("MODEL.EVALNORM.OFFLINE.MIN_DELTA", en.OFFLINE.MIN_DELTA, ">= 0")
     _check_number("MODEL.EVALNORM.ONLINE.LOG_PERIOD", en.ONLINE.LOG_PERIOD, ">= 1", integer=True)
     _check_number("MODEL.EVALNORM.OFFLINE.LOG_PERIOD", en.OFFLINE.LOG_PERIOD, ">= 1", integer=True)
+    _check_number(
+        "MODEL.EVALNORM.ONLINE.MAX_POSITIONS", en.ONLINE.MAX_POSITIONS, ">= 0", integer=True
+    )
     _check_number("MODEL.EVALNORM.OFFLINE.MAX_ITER", en.OFFLINE.MAX_ITER, ">= 1", integer=True)
     _check_number("MODEL.EVALNORM.OFFLINE.PATIENCE", en.OFFLINE.PATIENCE, ">= 0", integer=True)
     _check_number("MODEL.EVALNORM.NORM_BATCH_SIZE", en.NORM_BATCH_SIZE, ">= 0", integer=True)

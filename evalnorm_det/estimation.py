@@ -44,10 +44,19 @@ class OnlineEstimator:
         momentum (float): SGD's momentum.
         average_across_processes (bool): under ``torch.distributed``, average each gradient
             over the processes that computed one, so every rank keeps identical alpha/beta.
+        max_positions (int or None): each layer's auxiliary loss uses about this many (sample,
+            position) pairs per channel, at a fixed stride; None: all. The statistics are
+            always those of the whole batch; only the loss's average is subsampled.
     """
 
     def __init__(
-        self, model, lr=0.01, optimizer="adam", momentum=0.9, average_across_processes=True
+        self,
+        model,
+        lr=0.01,
+        optimizer="adam",
+        momentum=0.9,
+        average_across_processes=True,
+        max_positions=None,
     ):
         self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, EvalNorm2d)]
         if not self.layers:
@@ -72,6 +81,15 @@ class OnlineEstimator:
             self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
         else:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        if max_positions is not None and (
+            isinstance(max_positions, bool)
+            or not isinstance(max_positions, int)
+            or max_positions < 1
+        ):
+            raise ValueError(
+                f"max_positions must be an integer >= 1 or None, got {max_positions!r}"
+            )
+        self.max_positions = max_positions
         self.average_across_processes = average_across_processes
         self.enabled = True
 
@@ -85,6 +103,7 @@ class OnlineEstimator:
         self._enabled = bool(value)
         for _, m in self.layers:
             m.estimate_online = self._enabled
+            m.aux_max_positions = self.max_positions
 
     def step(self):
         """Apply, then clear, the auxiliary-loss gradients accumulated since the last step."""

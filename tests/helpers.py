@@ -24,12 +24,15 @@ def reference_evalnorm(x, running_mean, running_var, weight, bias, alpha, beta, 
     return y
 
 
-def reference_auxiliary_loss(x, running_mean, running_var, alpha, beta, eps, group_size=None):
-    """Eqs. 7-9 in float64 NumPy: mean |batch-normalized x - EvalNorm-normalized x|."""
+def reference_auxiliary_loss(
+    x, running_mean, running_var, alpha, beta, eps, group_size=None, positions=None
+):
+    """Eqs. 7-9 in float64 NumPy: mean |batch-normalized x - EvalNorm-normalized x|, over the
+    flattened spatial ``positions`` of each map (all by default); statistics from whole maps."""
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
     group_size = group_size or n
-    total = 0.0
+    total, count = 0.0, 0
     for g in range(0, n, group_size):
         xg = x[g : g + group_size]
         mu_b = xg.mean(axis=(0, 2, 3))
@@ -38,10 +41,12 @@ def reference_auxiliary_loss(x, running_mean, running_var, alpha, beta, eps, gro
             for c in range(x.shape[1]):
                 xi = xg[i, c]
                 mu, var = reference_statistics(xi, running_mean[c], running_var[c], alpha, beta)
-                target = (xi - mu_b[c]) / np.sqrt(var_b[c] + eps)
-                pred = (xi - mu) / np.sqrt(var + eps)
+                kept = xi.reshape(-1) if positions is None else xi.reshape(-1)[positions]
+                target = (kept - mu_b[c]) / np.sqrt(var_b[c] + eps)
+                pred = (kept - mu) / np.sqrt(var + eps)
                 total += np.abs(target - pred).sum()
-    return total / x.size
+                count += kept.size
+    return total / count
 
 
 @torch.no_grad()

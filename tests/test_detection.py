@@ -97,6 +97,7 @@ def test_freeze_at_keeps_detectron2_meaning_and_evalnorm(tmp_path):
         (("MODEL.EVALNORM.EVAL_MODE", "precise_bn"), "MODEL.EVALNORM.EVAL_MODE"),
         (("MODEL.EVALNORM.ONLINE.OPTIMIZER", "rmsprop"), "ONLINE.OPTIMIZER"),
         (("MODEL.EVALNORM.ONLINE.LR", "0.0"), "ONLINE.LR"),
+        (("MODEL.EVALNORM.ONLINE.MAX_POSITIONS", "-1"), "ONLINE.MAX_POSITIONS"),
         (("TEST.EVALNORM_MODES", "['ema', 'offline']"), "TEST.EVALNORM_MODES"),
         (("TEST.EVALNORM_MODES", "[]"), "TEST.EVALNORM_MODES"),
         (("INPUT.SQUARE_SIZE", "-1"), "INPUT.SQUARE_SIZE"),

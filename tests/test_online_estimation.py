@@ -45,6 +45,43 @@ def test_gradient_matches_finite_differences(group_size, frozen):
     assert np.abs(grad).min() > 1e-4  # a real gradient, not a trivially matching zero
 
 
+@pytest.mark.parametrize("max_positions,stride", [(40, 3), (119, 2), (120, 1), (10**6, 1)])
+def test_max_positions_averages_over_a_strided_subset(max_positions, stride):
+    en = randomize_batchnorm(EvalNorm2d(3, norm_batch_size=4)).double()
+    en.set_coefficients(0.3, 0.6)
+    estimator = OnlineEstimator(en, max_positions=max_positions)
+    assert en.aux_max_positions == max_positions
+    x = torch.randn(4, 3, 5, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    mean, var = en.running_mean.numpy().copy(), en.running_var.numpy().copy()
+    rng = torch.get_rng_state()
+    en(x)
+    assert torch.equal(torch.get_rng_state(), rng)  # a fixed stride, no random numbers
+    grad = en.take_aux_grad().numpy()
+    kept = np.arange(0, 30, stride)  # 4 samples x 30 positions; about max_positions kept
+
+    def loss(alpha_logit, beta_logit):
+        sigmoid = lambda v: 1 / (1 + np.exp(-v))
+        return reference_auxiliary_loss(
+            x.numpy(), mean, var, sigmoid(alpha_logit), sigmoid(beta_logit), en.eps, None, kept
+        )
+
+    a, b = en.alpha_logit.item(), en.beta_logit.item()
+    h = 1e-6
+    numeric = [
+        (loss(a + h, b) - loss(a - h, b)) / (2 * h),
+        (loss(a, b + h) - loss(a, b - h)) / (2 * h),
+    ]
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9)
+    assert en.last_aux_loss.item() == pytest.approx(loss(a, b), rel=1e-10)
+    estimator.enabled = False
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_max_positions_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="max_positions"):
+        OnlineEstimator(EvalNorm2d(3, norm_batch_size=2), max_positions=bad)
+
+
 def test_gradients_accumulate_until_taken():
     en = randomize_batchnorm(EvalNorm2d(3, norm_batch_size=2))
     en.estimate_online = True

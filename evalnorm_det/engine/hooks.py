@@ -21,8 +21,12 @@ class OnlineEstimationHook(HookBase):
     checkpoint or a log line at iteration i includes iteration i's estimation step.
     """
 
-    def __init__(self, model, lr=0.01, optimizer="adam", momentum=0.9, log_period=20):
-        self.estimator = OnlineEstimator(model, lr=lr, optimizer=optimizer, momentum=momentum)
+    def __init__(
+        self, model, lr=0.01, optimizer="adam", momentum=0.9, log_period=20, max_positions=None
+    ):
+        self.estimator = OnlineEstimator(
+            model, lr=lr, optimizer=optimizer, momentum=momentum, max_positions=max_positions
+        )
         self.estimator.enabled = False
         self.log_period = log_period
 

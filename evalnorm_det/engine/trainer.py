@@ -76,6 +76,7 @@ class Trainer(DefaultTrainer):
                 optimizer=online.OPTIMIZER,
                 momentum=online.MOMENTUM,
                 log_period=online.LOG_PERIOD,
+                max_positions=online.MAX_POSITIONS or None,
             )
             hooks.insert(2, hook)  # after IterationTimer and LRScheduler, before checkpoints
             # The writers keep only each scalar's latest value: write at least as often as the

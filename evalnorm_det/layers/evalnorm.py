@@ -80,6 +80,8 @@ class EvalNorm2d(nn.BatchNorm2d):
         mode (str): one of ``EVAL_MODES``; how evaluation forms its statistics.
         estimate_online (bool): when True, every training forward computes the auxiliary loss
             (eqs. 7-9) and accumulates its gradient for alpha/beta; see ``OnlineEstimator``.
+        aux_max_positions (int or None): the auxiliary loss averages about this many (sample,
+            position) pairs per channel, taken at a fixed stride; None (default): all of them.
         alpha_logit, beta_logit: parameters, ``logit`` of alpha and beta, saved in the state
             dict. ``requires_grad`` is False: no model optimizer or DDP ever sees them; only
             ``OnlineEstimator`` updates them.
@@ -128,6 +130,7 @@ class EvalNorm2d(nn.BatchNorm2d):
         self.set_coefficients(init)
         self.mode = "en"
         self.estimate_online = False
+        self.aux_max_positions = None
         self._aux_grad = None  # summed d(aux loss)/d(alpha_logit, beta_logit) since the last take
         self.last_aux_loss = None  # detached 0-d tensor from the latest estimating forward
 
@@ -268,6 +271,7 @@ class EvalNorm2d(nn.BatchNorm2d):
                 torch.sigmoid(alpha_logit),
                 torch.sigmoid(beta_logit),
                 self.eps,
+                self.aux_max_positions,
             )
             grad = torch.stack(torch.autograd.grad(loss, (alpha_logit, beta_logit)))
         grad = grad.to(self.alpha_logit.dtype)
