@@ -1,0 +1,417 @@
+#!/usr/bin/env python
+"""What EvalNorm costs: BN against EN measured side by side, in one process, on the same
+weights and inputs.
+
+1. Training step of Faster R-CNN R50-C4 (detectron2, ``configs/Base-EvalNorm-RCNN-C4.yaml``,
+   random weights, 2 images of 600x600 with a few boxes each): forward, backward, SGD step,
+   with ``torch.nn.BatchNorm2d`` against ``EvalNorm2d`` with online estimation (plus its
+   ``OnlineEstimator.step``). Steps alternate between the two models, round after round, with
+   the same seed, so both do the same work (EvalNorm trains bit for bit as BatchNorm) under the
+   same machine load. Reported: median step time and its ratio, and peak memory of a step
+   (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the allocator's peak of live tensors,
+   replayed from ``torch.profiler``'s memory events, on top of the model's parameters,
+   gradients, buffers and optimizer state).
+2. Inference latency per image (detectron2 tests one image at a time): BN with its EMA
+   statistics folded into the convolutions (what deployment runs) against EN evaluation (each
+   image's own statistics mixed in: one more pass over every normalized tensor).
+3. One layer: ``EvalNorm2d`` against ``BatchNorm2d`` on the tensor shapes of R50-C4 at 600x600
+   (evaluation forward; training forward and backward, EN estimating online).
+
+Goals: training step <= 1.05x BN, peak memory <= 1.03x, inference <= 1.10x.
+
+    python benchmarks/overhead.py                 # quick, CPU: about 5 minutes on 2 cores
+    python benchmarks/overhead.py --device cuda   # on a GPU
+    python benchmarks/overhead.py --mode full     # more rounds
+    python benchmarks/overhead.py --mode smoke    # a tiny model, seconds (CI)
+
+Prints the tables and writes ``results.json`` and ``results.md`` to ``--output-dir``.
+"""
+
+import argparse
+import copy
+import functools
+import statistics
+import time
+
+import torch
+from common import machine, prepare_output_dir, write_results  # benchmarks/, beside this file
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from evalnorm_det import EvalNorm2d, OnlineEstimator, convert_to_batchnorm
+from evalnorm_det.engine.defaults import resolve_config_file, setup_cfg
+from evalnorm_det.layers import functional as EF
+
+GOALS = {"training step": 1.05, "peak memory": 1.03, "inference": 1.10}
+MODES = {
+    # rounds: timed training steps per model; images: inference images per model.
+    "smoke": {"size": 64, "small": True, "warmup": 1, "rounds": 2, "images": 2, "repeats": 2},
+    "quick": {"size": 600, "small": False, "warmup": 1, "rounds": 5, "images": 5, "repeats": 10},
+    "full": {"size": 600, "small": False, "warmup": 3, "rounds": 20, "images": 30, "repeats": 50},
+}
+# The demo's ResNet-50 at 1/8 width, for the smoke mode.
+SMALL = [
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "32",
+    "MODEL.RESNETS.WIDTH_PER_GROUP", "8", "MODEL.RPN.PRE_NMS_TOPK_TEST", "200",
+    "MODEL.RPN.POST_NMS_TOPK_TEST", "50", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
+]  # fmt: skip
+
+
+def detector_cfg(args):
+    """``Base-EvalNorm-RCNN-C4.yaml`` with random weights, ``args.images`` per GPU."""
+    opts = [
+        "MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "INPUT.SQUARE_SIZE", str(args.size),
+        "SOLVER.IMS_PER_BATCH", str(args.batch), "MODEL.EVALNORM.NORM_BATCH_SIZE", str(args.batch),
+    ]  # fmt: skip
+    if args.small:
+        opts += SMALL
+    return setup_cfg(resolve_config_file("Base-EvalNorm-RCNN-C4.yaml"), opts, world_size=1)
+
+
+def synthetic_batch(size, images, seed):
+    """detectron2 inputs: ``images`` random RGB images of size x size with 3 boxes each."""
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(images):
+        xy = torch.rand(3, 2, generator=g) * size * 0.6
+        wh = (0.1 + 0.3 * torch.rand(3, 2, generator=g)) * size
+        instances = Instances((size, size))
+        instances.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+        instances.gt_classes = torch.randint(0, 80, (3,), generator=g)
+        image = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+        batch.append({"image": image, "height": size, "width": size, "instances": instances})
+    return batch
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def autograd_auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, beta, eps, _=None):
+    """The auxiliary loss as first written (before this benchmark): autograd through the
+    activations. Same value and gradient as ``functional.auxiliary_loss``; kept to measure it."""
+    mu_hat, var_hat = EF.evalnorm_statistics(mu_i, var_i, mu_e, var_e, alpha, beta)
+    r_b, r_hat = torch.rsqrt(var_b + eps), torch.rsqrt(var_hat + eps)
+    slope = (r_b - r_hat)[:, :, None, None]
+    offset = (mu_hat * r_hat - mu_b * r_b)[:, :, None, None]
+    return torch.addcmul(offset, x, slope).abs().mean()
+
+
+class Trained:
+    """A detector with its SGD optimizer and, for EN, its ``OnlineEstimator`` (``estimate``:
+    None for none, else the estimator's keyword arguments); ``aux_loss`` replaces the layers'
+    auxiliary loss while it steps."""
+
+    def __init__(self, model, estimate=None, aux_loss=None):
+        self.model = model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+        self.estimator = None if estimate is None else OnlineEstimator(model, **estimate)
+        self.aux_loss = aux_loss
+
+    def step(self, batch, seed):
+        if self.aux_loss is None:
+            return self._step(batch, seed)
+        shipped, EF.auxiliary_loss = EF.auxiliary_loss, self.aux_loss
+        try:
+            return self._step(batch, seed)
+        finally:
+            EF.auxiliary_loss = shipped
+
+    def _step(self, batch, seed):
+        torch.manual_seed(seed)  # the same proposals and samples for every model
+        losses = self.model(batch)
+        self.optimizer.zero_grad(set_to_none=False)
+        sum(losses.values()).backward()
+        self.optimizer.step()
+        if self.estimator is not None:
+            self.estimator.step()
+
+    def state_bytes(self):
+        """Bytes of parameters, gradients, buffers and optimizer state."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def timed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved(fns, rounds, warmup, device):
+    """{name: [seconds]}: each round runs every fn once, in alternating order."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn(-1)
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(timed(functools.partial(fns[name], r), device))
+    return times
+
+
+def step_peak_bytes(trained, batch, device):
+    """Peak bytes of live tensors while one training step runs, above what was live before."""
+    if device.startswith("cuda"):
+        synchronize(device)
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        trained.step(batch, 0)
+        synchronize(device)
+        return torch.cuda.max_memory_allocated() - before
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        trained.step(batch, 0)
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def compare_training(cfg, args):
+    torch.manual_seed(args.seed)
+    en = build_model(cfg)
+    models = {
+        "BN": Trained(convert_to_batchnorm(copy.deepcopy(en))),
+        "EN": Trained(copy.deepcopy(en), {}),
+        f"EN, MAX_POSITIONS {args.max_positions}": Trained(
+            copy.deepcopy(en), {"max_positions": args.max_positions}
+        ),
+        "EN, autograd loss (before)": Trained(en, {}, autograd_auxiliary_loss),
+    }
+    batch = synthetic_batch(args.size, args.batch, args.seed)
+    fns = {name: (lambda r, t=t: t.step(batch, r)) for name, t in models.items()}
+    times = interleaved(fns, args.rounds, args.warmup, args.device)
+    memory = {}
+    for name, t in models.items():
+        memory[name] = {
+            "state": t.state_bytes(),
+            "step_peak": step_peak_bytes(t, batch, args.device),
+        }
+        memory[name]["peak"] = memory[name]["state"] + memory[name]["step_peak"]
+    return times, memory
+
+
+@torch.no_grad()
+def fold_batchnorm(model):
+    """Fold every eval-mode BatchNorm2d that follows a detectron2 ``Conv2d`` into its weights
+    and bias (EMA statistics): BN costs nothing at inference. In place; returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, Conv2d) and isinstance(m.norm, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+            bn = m.norm
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            bias = bn.bias - bn.running_mean * scale
+            if m.bias is not None:
+                bias = bias + m.bias * scale
+            m.weight.mul_(scale[:, None, None, None])
+            m.bias = nn.Parameter(bias)
+            m.norm = None
+    return model
+
+
+def compare_inference(cfg, args):
+    torch.manual_seed(args.seed)
+    en = build_model(cfg).eval()
+    _randomize_statistics(en)
+    folded = fold_batchnorm(convert_to_batchnorm(copy.deepcopy(en))).eval()
+    images = synthetic_batch(args.size, args.images, args.seed + 1)
+    models = {"BN folded": folded, "EN": en}
+
+    @torch.no_grad()
+    def run(model, r):
+        model([images[max(r, 0) % len(images)]])
+
+    fns = {name: (lambda r, m=m: run(m, r)) for name, m in models.items()}
+    return interleaved(fns, args.images, args.warmup, args.device)
+
+
+@torch.no_grad()
+def _randomize_statistics(model):
+    # Random-init running statistics are mean 0 / var 1; make EN's correction do real work.
+    for m in model.modules():
+        if isinstance(m, EvalNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+
+
+def layer_shapes(cfg, args):
+    """(name, training shape, evaluation shape) of normalized tensors in R50-C4."""
+    r, s = cfg.MODEL.RESNETS, args.size
+    stem, res2 = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
+    rois_train = args.batch * cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
+    rois_test = cfg.MODEL.RPN.POST_NMS_TOPK_TEST
+    p = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION // 2
+    shapes = [
+        ("stem", stem, s // 2),
+        ("res2", res2, s // 4),
+        ("res3", res2 * 2, s // 8),
+        ("res4", res2 * 4, -(-s // 16)),
+    ]
+    rows = [(n, (args.batch, c, h, h), (1, c, h, h)) for n, c, h in shapes]
+    rows.append(("res5 (ROIs)", (rois_train, res2 * 8, p, p), (rois_test, res2 * 8, p, p)))
+    return rows
+
+
+def compare_layers(cfg, args):
+    """Per normalized tensor shape: median seconds of BN and EN, evaluation and training."""
+    results = []
+    for name, train_shape, eval_shape in layer_shapes(cfg, args):
+        channels = train_shape[1]
+        bn = nn.BatchNorm2d(channels).to(args.device)
+        en = EvalNorm2d(channels, norm_batch_size=train_shape[0]).to(args.device)
+        en.load_state_dict(bn.state_dict(), strict=False)
+        en.estimate_online = True
+        row = {"layer": name, "train_shape": list(train_shape), "eval_shape": list(eval_shape)}
+        row.update(_layer_times(bn, en, train_shape, eval_shape, args))
+        results.append(row)
+    return results
+
+
+def _layer_times(bn, en, train_shape, eval_shape, args):
+    x_eval = torch.randn(eval_shape, device=args.device)
+    x_train = torch.randn(train_shape, device=args.device, requires_grad=True)
+    grad = torch.randn(train_shape, device=args.device)
+
+    @torch.no_grad()
+    def evaluate(layer, r):
+        layer.eval()(x_eval)
+
+    def train(layer, r):
+        layer.train()(x_train).backward(grad)
+        if isinstance(layer, EvalNorm2d):
+            layer.take_aux_grad()
+
+    times = {}
+    for kind, fn in (("eval", evaluate), ("train", train)):
+        fns = {"BN": functools.partial(fn, bn), "EN": functools.partial(fn, en)}
+        measured = interleaved(fns, args.repeats, 1, args.device)
+        times[kind] = {k: statistics.median(v) for k, v in measured.items()}
+    return times
+
+
+def ratio(times, base, other):
+    return statistics.median(times[other]) / statistics.median(times[base])
+
+
+def markdown(results):
+    t, m, i = results["training"]["times"], results["training"]["memory"], results["inference"]
+    settings, ms, mib = results["settings"], 1000.0, 2.0**20
+    size = f"{settings['size']}x{settings['size']}"
+    lines = [
+        f"Device: {results['machine']['device']}. Faster R-CNN R50-C4, training steps of "
+        + f"{settings['batch']} images of {size}, inference on one image at a time.",
+        "",
+        "| training | step, median (ms) | / BN | peak memory (MiB) | / BN |",
+        "|---|---|---|---|---|",
+    ]
+    for name in t:
+        step, peak = statistics.median(t[name]), m[name]["peak"]
+        lines.append(
+            f"| {name} | {step * ms:.0f} | {step / statistics.median(t['BN']):.3f} | "
+            f"{peak / mib:.0f} | {peak / m['BN']['peak']:.3f} |"
+        )
+    bn, en = statistics.median(i["BN folded"]), statistics.median(i["EN"])
+    lines += [
+        "",
+        "| inference | per image, median (ms) | / BN folded |",
+        "|---|---|---|",
+        f"| BN, EMA statistics folded into the convolutions | {bn * ms:.0f} | 1.000 |",
+        f"| EN | {en * ms:.0f} | {en / bn:.3f} |",
+        "",
+        "| goal | EN / BN | target |",
+        "|---|---|---|",
+    ]
+    for key, value in results["ratios"].items():
+        lines.append(f"| {key} | {value:.3f} | <= {GOALS[key.split(' (')[0]]} |")
+    lines += [
+        "",
+        "Peak memory: parameters, gradients, buffers and optimizer state, plus the peak of "
+        + "live tensors during a step.",
+        "",
+        "| layer | train shape | BN train (ms) | EN train (ms) | ratio "
+        + "| eval shape | BN eval (ms) | EN eval (ms) | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["layers"]:
+        tr, ev = row["train"], row["eval"]
+        lines.append(
+            f"| {row['layer']} | {tuple(row['train_shape'])} | {tr['BN'] * ms:.2f} | "
+            f"{tr['EN'] * ms:.2f} | {tr['EN'] / tr['BN']:.2f} | {tuple(row['eval_shape'])} | "
+            f"{ev['BN'] * ms:.2f} | {ev['EN'] * ms:.2f} | {ev['EN'] / ev['BN']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=sorted(MODES), default="quick")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--size", type=int, help="image side (default: the mode's)")
+    parser.add_argument("--batch", type=int, default=2, help="images per training step")
+    parser.add_argument("--rounds", type=int, help="timed training steps per model")
+    parser.add_argument("--images", type=int, help="timed inference images per model")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--max-positions",
+        type=int,
+        default=4096,
+        help="MODEL.EVALNORM.ONLINE.MAX_POSITIONS of the subsampled EN variant (default 4096)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="output/benchmarks/overhead")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    for key, value in MODES[args.mode].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    prepare_output_dir(args.output_dir, args.overwrite)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    cfg = detector_cfg(args)
+    with EventStorage():  # detectron2's losses log to it
+        times, memory = compare_training(cfg, args)
+    subsampled = f"EN, MAX_POSITIONS {args.max_positions}"
+    inference = compare_inference(cfg, args)
+    results = {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite")},
+        "machine": machine(args.device),
+        "training": {"times": times, "memory": memory},
+        "inference": inference,
+        "layers": compare_layers(cfg, args),
+        "ratios": {
+            "training step": ratio(times, "BN", "EN"),
+            f"training step ({subsampled})": ratio(times, "BN", subsampled),
+            "peak memory": memory["EN"]["peak"] / memory["BN"]["peak"],
+            f"peak memory ({subsampled})": memory[subsampled]["peak"] / memory["BN"]["peak"],
+            "inference": ratio(inference, "BN folded", "EN"),
+        },
+        "goals": GOALS,
+    }
+    results["wall_seconds"] = time.time() - start
+    table = markdown(results)
+    print(table)
+    write_results(args.output_dir, results, table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
