@@ -28,20 +28,7 @@ def test_gradient_matches_finite_differences(group_size, frozen):
     en(x)
     grad = en.take_aux_grad().numpy()
 
-    def loss(alpha_logit, beta_logit):
-        sigmoid = lambda v: 1 / (1 + np.exp(-v))
-        return reference_auxiliary_loss(
-            x.numpy(), mean, var, sigmoid(alpha_logit), sigmoid(beta_logit), en.eps, group_size
-        )
-
-    a, b = en.alpha_logit.item(), en.beta_logit.item()
-    h = 1e-6
-    numeric = [
-        (loss(a + h, b) - loss(a - h, b)) / (2 * h),
-        (loss(a, b + h) - loss(a, b - h)) / (2 * h),
-    ]
-    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9)
-    assert en.last_aux_loss.item() == pytest.approx(loss(a, b), rel=1e-10)
+    assert_reference_gradient(en, grad, x, mean, var, group_size=group_size)
     assert np.abs(grad).min() > 1e-4  # a real gradient, not a trivially matching zero
 
 
@@ -59,10 +46,19 @@ def test_max_positions_averages_over_a_strided_subset(max_positions, stride):
     grad = en.take_aux_grad().numpy()
     kept = np.arange(0, 30, stride)  # 4 samples x 30 positions; about max_positions kept
 
+    assert_reference_gradient(en, grad, x, mean, var, positions=kept)
+    estimator.enabled = False
+
+
+def assert_reference_gradient(en, grad, x, mean, var, group_size=None, positions=None):
+    """``grad`` and the layer's last loss against central finite differences of the float64
+    reference of eqs. 7-9 at the layer's alpha/beta logits."""
+
     def loss(alpha_logit, beta_logit):
         sigmoid = lambda v: 1 / (1 + np.exp(-v))
+        alpha, beta = sigmoid(alpha_logit), sigmoid(beta_logit)
         return reference_auxiliary_loss(
-            x.numpy(), mean, var, sigmoid(alpha_logit), sigmoid(beta_logit), en.eps, None, kept
+            x.numpy(), mean, var, alpha, beta, en.eps, group_size, positions
         )
 
     a, b = en.alpha_logit.item(), en.beta_logit.item()
@@ -73,7 +69,6 @@ def test_max_positions_averages_over_a_strided_subset(max_positions, stride):
     ]
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9)
     assert en.last_aux_loss.item() == pytest.approx(loss(a, b), rel=1e-10)
-    estimator.enabled = False
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
