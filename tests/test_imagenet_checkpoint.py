@@ -104,22 +104,29 @@ def converted_file(converted, tmp_path_factory):
     return save_detectron2(converted, tmp_path_factory.mktemp("d2") / "r50-converted.pth")
 
 
-@pytest.fixture(scope="module")
-def reference(torchvision_resnet50):
-    """Inputs and torchvision's outputs: (x, layer3 output, res5 features, layer4 output)."""
-    tv = torchvision_resnet50[1]
+def torchvision_outputs(tv, size=64):
+    """Inputs and ``tv``'s outputs: (x, layer3 output, res5 input features, layer4 output)."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 3, 64, 64, generator=g, dtype=torch.float64)
-    features = torch.randn(2, 1024, 8, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 3, size, size, generator=g, dtype=torch.float64)
+    channels = tv.layer4[0].conv1.in_channels
+    features = torch.randn(2, channels, 8, 8, generator=g, dtype=torch.float64)
     with torch.no_grad():
         res4 = tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x)))))))
         res5 = tv.layer4(features)
+    return x, res4, features, res5
+
+
+@pytest.fixture(scope="module")
+def reference(torchvision_resnet50):
+    """Inputs and torchvision's outputs: (x, layer3 output, res5 features, layer4 output)."""
+    x, res4, features, res5 = torchvision_outputs(torchvision_resnet50[1])
     assert res4.shape == (1, 1024, 4, 4) and res5.shape == (2, 2048, 4, 4)
     return x, res4, features, res5
 
 
-def detectron2_model(backbone_norm, head_norm, layout="c4"):
-    """The C4 model, or with ``layout="fpn"`` that of configs/Base-EvalNorm-RCNN-FPN.yaml."""
+def detectron2_model(backbone_norm, head_norm, layout="c4", widths=(64, 64)):
+    """The C4 model, or with ``layout="fpn"`` that of configs/Base-EvalNorm-RCNN-FPN.yaml;
+    ``widths``: (stem channels, res2's bottleneck width), ResNet-50's by default."""
     cfg = get_cfg()
     add_evalnorm_config(cfg)
     if layout == "fpn":
@@ -134,6 +141,10 @@ def detectron2_model(backbone_norm, head_norm, layout="c4"):
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.EVALNORM.BACKBONE_NORM = backbone_norm
     cfg.MODEL.EVALNORM.ROI_HEAD_NORM = head_norm
+    stem, width = widths
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = stem
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 4 * width
+    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = width
     return build_model(cfg)
 
 
@@ -461,3 +472,87 @@ def test_fpn_layout(torchvision_file, torchvision_resnet50, converted, reference
     assert_norms(model, "EN", "EN")
     assert_every_tensor_landed(model, torchvision_resnet50[1])
     assert_reproduces_torchvision(model, reference)
+
+
+class NarrowResNet50(torchvision.models.ResNet):
+    """torchvision's ResNet-50 layout and key names (its ``Bottleneck`` and ``_make_layer``) with
+    ``stem`` channels out of conv1 and bottleneck width ``width`` in layer1, doubling per stage."""
+
+    def __init__(self, stem, width, num_classes=10):
+        nn.Module.__init__(self)
+        self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
+        self.inplanes = stem
+        self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        block = torchvision.models.resnet.Bottleneck
+        self.layer1 = self._make_layer(block, width, 3)
+        self.layer2 = self._make_layer(block, 2 * width, 4, stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, 6, stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, 3, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32 * width, num_classes)
+
+
+@pytest.mark.parametrize("widths", [(16, 8), (32, 8)], ids=["1/8-width", "stem-equals-res2"])
+def test_narrow_resnet(widths, tmp_path, capsys):
+    """A ResNet-50 of another width in torchvision's layout (the benchmarks' ImageNet stand-in:
+    stem 16, widths 8/16/32/64) converts; the detectron2 model of the widths the tool prints
+    takes every tensor and reproduces its layer3 and layer4. With stem = 4 x width, layer1.0 has
+    no projection shortcut, in torchvision as in detectron2."""
+    stem, width = widths
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        tv = randomize_batchnorm(NarrowResNet50(stem, width)).eval()
+    state_dict = {k: v.clone() for k, v in tv.state_dict().items()}
+    assert ("layer1.0.downsample.0.weight" in state_dict) == (stem != 4 * width)
+    assert tool.infer_widths(state_dict) == widths
+    src, out = tmp_path / "narrow.pth", tmp_path / "narrow-d2.pth"
+    torch.save(state_dict, src)
+    tool.main([str(src), str(out)])
+    printed = capsys.readouterr().out
+    channels = "/".join(str(width * 2**k) for k in range(4))
+    for text in (
+        f"{len(state_dict) - 2} tensors",
+        "53 BatchNorm layers" if stem != 4 * width else "52 BatchNorm layers",
+        f"stem {stem} channels, bottleneck widths {channels}",
+        f"STEM_OUT_CHANNELS: {stem}",
+        f"RES2_OUT_CHANNELS: {4 * width}",
+        f"WIDTH_PER_GROUP: {width}",
+    ):
+        assert text in printed, text
+
+    model = detectron2_model("EN", "EN", widths=widths)
+    EvalNormCheckpointer(model).load(str(out))
+    assert_norms(model, "EN", "EN")
+    tv.double()
+    pairs = torchvision_layers(tv)
+    for name, tv_conv, tv_bn in pairs:
+        conv = detectron2_conv(model, name)
+        assert torch.equal(conv.weight.double(), tv_conv.weight), name
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            assert torch.equal(getattr(conv.norm, attr).double(), getattr(tv_bn, attr)), name
+    assert len(pairs) == sum(k.endswith(".running_mean") for k in state_dict)
+    x, res4, features, res5 = torchvision_outputs(tv)
+    assert res4.shape == (1, 16 * width, 4, 4) and res5.shape == (2, 32 * width, 4, 4)
+    assert_reproduces_torchvision(model, (x, res4, features, res5))
+
+
+def test_narrow_resnet_with_one_wrong_width_is_refused(tmp_path):
+    """Widths come from conv1 and layer1.0.conv3; every other shape is checked against them."""
+    state_dict = NarrowResNet50(16, 8).state_dict()
+    state_dict["layer3.2.conv2.weight"] = torch.zeros(32, 16, 3, 3)  # a grouped conv, say
+    with pytest.raises(
+        ValueError,
+        match=r"layer3\.2\.conv2\.weight \(32, 16, 3, 3\) "
+        r"\(ResNet-50 of widths 16/8: \(32, 32, 3, 3\)\)",
+    ):
+        tool.convert_torchvision_resnet(state_dict)
+    state_dict = NarrowResNet50(16, 8).state_dict()
+    state_dict["layer2.0.bn3.running_var"] = torch.ones(128)  # 4 x 16 = 64 channels
+    with pytest.raises(ValueError, match=r"layer2\.0\.bn3\.running_var \(128,\)"):
+        tool.convert_torchvision_resnet(state_dict)
+    folded = {k: v for k, v in state_dict.items() if not k.endswith(STATISTICS)}
+    with pytest.raises(tool.FoldedBatchNormError, match="R-50.pkl"):
+        tool.convert_torchvision_resnet(folded)

@@ -11,6 +11,12 @@ layer1-4 -> ``backbone.bottom_up.stem`` and ``backbone.bottom_up.res2``-``res5``
 expect torchvision's conventions: RGB input, pixel mean [123.675, 116.28, 103.53], std
 [58.395, 57.12, 57.375], MODEL.RESNETS.STRIDE_IN_1X1 False.
 
+Any width of the torchvision layout is accepted (``torchvision.models.resnet.Bottleneck``
+blocks [3, 4, 6, 3], expansion 4, widths doubling per stage, e.g. a ResNet-50 at 1/8 of its
+width): the stem and bottleneck widths are read from the checkpoint's own shapes, every other
+shape is checked against them, and the tool prints the MODEL.RESNETS keys that build the
+matching detectron2 model (STEM_OUT_CHANNELS, RES2_OUT_CHANNELS, WIDTH_PER_GROUP).
+
     python tools/convert_imagenet_checkpoint.py \\
         ~/.cache/torch/hub/checkpoints/resnet50-0676ba61.pth checkpoints/R-50-torchvision.pth
     python tools/convert_imagenet_checkpoint.py --layout fpn \\
@@ -31,7 +37,7 @@ import torch
 
 from evalnorm_det.engine.checkpoint import read_checkpoint
 
-__all__ = ["FoldedBatchNormError", "convert_torchvision_resnet", "load_state_dict"]
+__all__ = ["FoldedBatchNormError", "convert_torchvision_resnet", "infer_widths", "load_state_dict"]
 
 # Residual blocks in torchvision's ResNet-50 layer1..layer4, and the convention its weights need.
 BLOCKS = (3, 4, 6, 3)
@@ -50,32 +56,49 @@ class FoldedBatchNormError(ValueError):
     """The state dict has BatchNorm scales and shifts but no running statistics."""
 
 
-def _expected_shapes():
-    """{key: shape} of torchvision's ResNet-50 state dict, without ``fc`` and the optional
-    ``num_batches_tracked`` entries."""
-    shapes = {"conv1.weight": (64, 3, 7, 7)}
+def _expected_shapes(stem=64, width=64):
+    """{key: shape} of a torchvision ResNet-50 state dict with ``stem`` output channels and
+    bottleneck width ``width`` in layer1 (doubling per stage, outputs 4x), without ``fc`` and
+    the optional ``num_batches_tracked`` entries. torchvision's ResNet-50: 64, 64."""
+    shapes = {"conv1.weight": (stem, 3, 7, 7)}
 
     def bn(prefix, channels):
         for name in ("weight", "bias") + BN_STATISTICS:
             shapes[f"{prefix}.{name}"] = (channels,)
 
-    bn("bn1", 64)
-    in_channels = 64
+    bn("bn1", stem)
+    in_channels = stem
     for k, blocks in enumerate(BLOCKS, start=1):
-        width = 64 * 2 ** (k - 1)
-        out_channels = 4 * width
+        planes = width * 2 ** (k - 1)
+        out_channels = 4 * planes
         for i in range(blocks):
             p = f"layer{k}.{i}"
-            shapes[f"{p}.conv1.weight"] = (width, in_channels, 1, 1)
-            shapes[f"{p}.conv2.weight"] = (width, width, 3, 3)
-            shapes[f"{p}.conv3.weight"] = (out_channels, width, 1, 1)
-            for j, channels in ((1, width), (2, width), (3, out_channels)):
+            shapes[f"{p}.conv1.weight"] = (planes, in_channels, 1, 1)
+            shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+            shapes[f"{p}.conv3.weight"] = (out_channels, planes, 1, 1)
+            for j, channels in ((1, planes), (2, planes), (3, out_channels)):
                 bn(f"{p}.bn{j}", channels)
-            if i == 0:
+            # torchvision projects the shortcut where the stride or the channels change
+            if i == 0 and (k > 1 or in_channels != out_channels):
                 shapes[f"{p}.downsample.0.weight"] = (out_channels, in_channels, 1, 1)
                 bn(f"{p}.downsample.1", out_channels)
             in_channels = out_channels
     return shapes
+
+
+def infer_widths(state_dict):
+    """(stem channels, layer1's bottleneck width) of a torchvision ResNet-50 state dict, read
+    from ``conv1.weight`` and ``layer1.0.conv3.weight`` (whose outputs are 4x the width); the
+    ResNet-50's (64, 64) where these are missing or not 4-d tensors. Other shapes unchecked."""
+
+    def shape(key):
+        v = state_dict.get(key)
+        return tuple(v.shape) if isinstance(v, torch.Tensor) and v.dim() == 4 else None
+
+    stem, conv3 = shape("conv1.weight"), shape("layer1.0.conv3.weight")
+    if stem is None or conv3 is None or conv3[0] % 4:
+        return 64, 64
+    return stem[0], conv3[0] // 4
 
 
 def _detectron2_name(key, layout):
@@ -108,6 +131,11 @@ def _unwrap(obj):
     return obj
 
 
+def _unwrap_prefixed(obj):
+    """``_unwrap(obj)`` without DataParallel's ``module.`` prefixes."""
+    return {k.removeprefix("module."): v for k, v in _unwrap(obj).items()}
+
+
 def _first(keys, n=5):
     keys = sorted(keys)
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
@@ -136,7 +164,8 @@ def _check_not_folded(state_dict):
 
 
 def convert_torchvision_resnet(state_dict, layout="c4"):
-    """torchvision ResNet-50 state dict -> state dict of detectron2's GeneralizedRCNN.
+    """torchvision ResNet-50 state dict (any width, see ``infer_widths``) -> state dict of
+    detectron2's GeneralizedRCNN.
 
     conv1/bn1 -> ``stem.conv1``/``.norm``; ``layerK.i.convJ``/``bnJ`` ->
     ``res(K+1).i.convJ``/``.convJ.norm``; ``downsample.0``/``.1`` -> ``shortcut``/``.norm``;
@@ -156,9 +185,10 @@ def convert_torchvision_resnet(state_dict, layout="c4"):
         raise TypeError(f"holds a {type(state_dict).__name__}, not a state dict")
     if not all(isinstance(k, str) for k in state_dict):
         raise TypeError("not a state dict: its keys are not all strings")
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state_dict = _unwrap_prefixed(state_dict)
     _check_not_folded(state_dict)
-    expected = _expected_shapes()
+    stem, width = infer_widths(state_dict)
+    expected = _expected_shapes(stem, width)
     batches = {
         k.rsplit(".", 1)[0] + ".num_batches_tracked" for k in expected if "running_mean" in k
     }
@@ -176,9 +206,10 @@ def convert_torchvision_resnet(state_dict, layout="c4"):
         elif any(k.startswith(("backbone.", "stem.", "res2.")) for k in state_dict):
             hint = " (it looks like a detectron2 checkpoint already)"
         raise ValueError(f"not a torchvision ResNet-50 state dict{hint}: {'; '.join(problems)}")
+    name = "ResNet-50" if (stem, width) == (64, 64) else f"ResNet-50 of widths {stem}/{width}"
     wrong = [
         f"{k} {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__} "
-        f"(ResNet-50: {expected.get(k, ())})"
+        f"({name}: {expected.get(k, ())})"
         for k, v in state_dict.items()
         if not isinstance(v, torch.Tensor)
         or (k in expected and tuple(v.shape) != expected[k])
@@ -186,7 +217,8 @@ def convert_torchvision_resnet(state_dict, layout="c4"):
     ]
     if wrong:
         raise ValueError(
-            "not a torchvision ResNet-50 state dict (a ResNeXt or wide ResNet has the same keys): "
+            "not a torchvision ResNet-50 state dict (a ResNeXt or wide ResNet has the same keys; "
+            "the stem and bottleneck widths are read from conv1 and layer1.0.conv3): "
             f"{len(wrong)} tensor(s) of the wrong shape or type: {', '.join(wrong[:3])}"
         )
     return {_detectron2_name(k, layout): v for k, v in state_dict.items() if k not in OPTIONAL_KEYS}
@@ -207,8 +239,8 @@ def load_state_dict(path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Convert a torchvision ImageNet ResNet-50 state dict into a detectron2 "
-        "checkpoint for EvalNorm's models: C4 (backbone.* and roi_heads.res5.*) or FPN "
+        description="Convert a torchvision ImageNet ResNet-50 state dict (of any width) into a "
+        "detectron2 checkpoint for EvalNorm's models: C4 (backbone.* and roi_heads.res5.*) or FPN "
         "(backbone.bottom_up.*)."
     )
     parser.add_argument("input", metavar="IN", help="torchvision ResNet-50 state dict (.pth)")
@@ -254,9 +286,12 @@ def main(argv=None):
         raise
 
     norms = sum(k.endswith(".running_mean") for k in model)
-    source_keys = {k.removeprefix("module.") for k in _unwrap(state_dict)}
-    dropped = [k for k in OPTIONAL_KEYS if k in source_keys]
+    source = _unwrap_prefixed(state_dict)
+    dropped = [k for k in OPTIONAL_KEYS if k in source]
+    stem, width = infer_widths(source)
+    widths = "/".join(str(width * 2**k) for k in range(4))
     print(f"Converted {len(model)} tensors from {src} (torchvision ResNet-50) into {dst}:")
+    print(f"  stem {stem} channels, bottleneck widths {widths} (outputs 4x)")
     backbone, res5 = LAYOUTS[args.layout]
     print(f"  conv1/bn1, layer1-3 -> {backbone}stem, {backbone}res2-res4; layer4 -> {res5}res5")
     print(f"  {norms} BatchNorm layers with their running statistics (EvalNorm needs them)")
@@ -267,6 +302,9 @@ def main(argv=None):
     print(f"  MODEL.PIXEL_MEAN: {PIXEL_MEAN}")
     print(f"  MODEL.PIXEL_STD: {PIXEL_STD}")
     print("  MODEL.RESNETS.STRIDE_IN_1X1: False")
+    print(f"  MODEL.RESNETS.STEM_OUT_CHANNELS: {stem}")
+    print(f"  MODEL.RESNETS.RES2_OUT_CHANNELS: {4 * width}")
+    print(f"  MODEL.RESNETS.WIDTH_PER_GROUP: {width}  (NUM_GROUPS: 1)")
     print(f"  MODEL.WEIGHTS: {dst}")
 
 
