@@ -36,25 +36,50 @@ def layer_reference(layer, x, alpha, beta):
     )
 
 
+# Evaluation has two paths: elementwise under autograd (so gradients reach alpha/beta), and
+# BatchNorm's evaluation kernel on per-sample statistics without it (inference).
+GRAD = pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])
+
+
+@GRAD
 @pytest.mark.parametrize(
     "alpha,beta", [(0.0, 0.0), (0.25, 0.25), (0.7, 0.1), (0.05, 0.9), (1.0, 1.0), (1.0, 0.0)]
 )
-def test_float64_matches_reference(alpha, beta):
+def test_float64_matches_reference(alpha, beta, grad):
     layer = make_layer(dtype=torch.float64)
     layer.set_coefficients(alpha, beta)
     x = random_input(dtype=torch.float64)
     expected = layer_reference(layer, x, layer.alpha.item(), layer.beta.item())
-    np.testing.assert_allclose(layer(x).detach().numpy(), expected, rtol=1e-12, atol=1e-12)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-12, atol=1e-12)
 
 
+@GRAD
 @pytest.mark.parametrize("alpha,beta", [(0.25, 0.25), (0.7, 0.1)])
-def test_float32_matches_float64_reference(alpha, beta):
+def test_float32_matches_float64_reference(alpha, beta, grad):
     # Outputs are O(1); a handful of float32 operations per element keeps errors near 1e-6.
     layer = make_layer()
     layer.set_coefficients(alpha, beta)
     x = random_input()
     expected = layer_reference(layer, x, alpha, beta)
-    np.testing.assert_allclose(layer(x).detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@GRAD
+def test_float32_far_from_zero_with_tiny_variances(grad):
+    # Activations near 50 that vary by ~0.01 within a sample, normalized by their own
+    # statistics: float32 stores x to ~3e-6, which 1/sqrt(var_hat + eps) (~100) scales to
+    # ~3e-4 on O(1) outputs, whether the mean is subtracted first or folded into a shift.
+    layer = make_layer()
+    layer.set_coefficients(0.9, 0.9)
+    x = random_input(scale=0.01, shift=50.0)
+    expected = layer_reference(layer, x, layer.alpha.item(), layer.beta.item())
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=0, atol=2e-3)
 
 
 def test_coefficients_zero_is_batchnorm_eval():

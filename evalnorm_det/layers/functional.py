@@ -6,6 +6,7 @@ Every function computes in the dtype of its inputs; the layer passes float32 (or
 """
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "auxiliary_loss",
@@ -57,16 +58,29 @@ def evalnorm_statistics(mu_i, var_i, mu_e, var_e, alpha, beta):
 def evalnorm(x, running_mean, running_var, weight, bias, alpha, beta, eps):
     """EvalNorm's evaluation output: ``weight * (x - mu_hat) / sqrt(var_hat + eps) + bias``.
 
-    ``x`` must already be in the computation dtype. The mean is subtracted before scaling:
-    folding it into a shift would cancel catastrophically where var_hat + eps is tiny.
+    ``x`` must already be in the computation dtype. Without autograd (inference) the output
+    comes from BatchNorm's own evaluation kernel on a (1, N*C, H, W) view, each (sample,
+    channel) a channel with its mu_hat, var_hat: one pass over ``x``, as BatchNorm evaluation
+    does. With autograd, which does not differentiate that kernel's statistics, it is computed
+    elementwise so gradients reach alpha and beta.
     """
     mu_i, var_i = sample_statistics(x)
     mu_hat, var_hat = evalnorm_statistics(mu_i, var_i, running_mean, running_var, alpha, beta)
-    scale = torch.rsqrt(var_hat + eps)[:, :, None, None] * weight[:, None, None]
-    y = x - mu_hat[:, :, None, None]
-    if torch.is_grad_enabled():  # autograd does not go through out=
-        return torch.addcmul(bias[:, None, None], y, scale)
-    return torch.addcmul(bias[:, None, None], y, scale, out=y)  # one allocation fewer
+    if torch.is_grad_enabled():
+        scale = torch.rsqrt(var_hat + eps)[:, :, None, None] * weight[:, None, None]
+        return torch.addcmul(bias[:, None, None], x - mu_hat[:, :, None, None], scale)
+    n, c, h, w = x.shape
+    y = F.batch_norm(
+        x.reshape(1, n * c, h, w),
+        mu_hat.reshape(-1),
+        var_hat.reshape(-1),
+        weight.repeat(n),
+        bias.repeat(n),
+        False,
+        0.0,
+        eps,
+    )
+    return y.view(n, c, h, w)
 
 
 def auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, beta, eps, max_positions=None):
