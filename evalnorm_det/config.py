@@ -72,6 +72,11 @@ def add_evalnorm_config(cfg):
     # channel, at a fixed stride (0: all). Statistics are always the whole batch's; this only
     # bounds the cost of the loss on large feature maps (see benchmarks/overhead.py).
     _C.MODEL.EVALNORM.ONLINE.MAX_POSITIONS = 0
+    # The first iteration whose batch steps alpha/beta (before it they keep their INIT value).
+    # Fitting only the last iterations (e.g. 0.9 x SOLVER.MAX_ITER) avoids fitting them to an
+    # EMA that lags behind a fast-changing model (slow BN momentum, large B); see
+    # docs/BENCHMARKS.md, section 1.
+    _C.MODEL.EVALNORM.ONLINE.START_ITER = 0
 
     # Offline estimation of alpha/beta on a trained model (section 3.4, "EN offline"):
     # tools/estimate_offline.py and the "en_offline" test mode. Training images go through the
@@ -165,6 +170,13 @@ def check_evalnorm_config(cfg, world_size=None, training=True):
     _check_number(
         "MODEL.EVALNORM.ONLINE.MAX_POSITIONS", en.ONLINE.MAX_POSITIONS, ">= 0", integer=True
     )
+    _check_number("MODEL.EVALNORM.ONLINE.START_ITER", en.ONLINE.START_ITER, ">= 0", integer=True)
+    if training and en.ONLINE.ENABLED and en.ONLINE.START_ITER >= cfg.SOLVER.MAX_ITER:
+        raise ValueError(
+            f"MODEL.EVALNORM.ONLINE.START_ITER={en.ONLINE.START_ITER} is not before "
+            f"SOLVER.MAX_ITER={cfg.SOLVER.MAX_ITER}: alpha/beta would never be estimated (set "
+            "ONLINE.ENABLED False to train without estimation)"
+        )
     _check_number("MODEL.EVALNORM.OFFLINE.MAX_ITER", en.OFFLINE.MAX_ITER, ">= 1", integer=True)
     _check_number("MODEL.EVALNORM.OFFLINE.PATIENCE", en.OFFLINE.PATIENCE, ">= 0", integer=True)
     _check_number("MODEL.EVALNORM.NORM_BATCH_SIZE", en.NORM_BATCH_SIZE, ">= 0", integer=True)

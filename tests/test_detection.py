@@ -1,6 +1,7 @@
 """The detectron2 integration: builders, FREEZE_AT, regimes, the online hook, the trainer."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -98,6 +99,8 @@ def test_freeze_at_keeps_detectron2_meaning_and_evalnorm(tmp_path):
         (("MODEL.EVALNORM.ONLINE.OPTIMIZER", "rmsprop"), "ONLINE.OPTIMIZER"),
         (("MODEL.EVALNORM.ONLINE.LR", "0.0"), "ONLINE.LR"),
         (("MODEL.EVALNORM.ONLINE.MAX_POSITIONS", "-1"), "ONLINE.MAX_POSITIONS"),
+        (("MODEL.EVALNORM.ONLINE.START_ITER", "-1"), "ONLINE.START_ITER"),
+        (("MODEL.EVALNORM.ONLINE.START_ITER", "3"), "ONLINE.START_ITER=3 is not before SOLVER"),
         (("TEST.EVALNORM_MODES", "['ema', 'offline']"), "TEST.EVALNORM_MODES"),
         (("TEST.EVALNORM_MODES", "[]"), "TEST.EVALNORM_MODES"),
         (("INPUT.SQUARE_SIZE", "-1"), "INPUT.SQUARE_SIZE"),
@@ -242,10 +245,33 @@ def test_trainer_test_evaluates_every_mode_and_writes_the_table(tmp_path):
     assert {m.mode for _, m in en_layers(trainer.model)} == {"en"}
 
 
+def test_online_estimation_starts_at_start_iter(tmp_path):
+    cfg = tiny_cfg(
+        tmp_path,
+        "SOLVER.MAX_ITER",
+        "4",
+        "MODEL.EVALNORM.ONLINE.START_ITER",
+        "2",
+        "MODEL.EVALNORM.ONLINE.LOG_PERIOD",
+        "1",
+    )
+    trainer = train(cfg)
+    layer = next(n for n, _ in en_layers(trainer.model) if n.startswith("backbone"))
+    history = trainer.storage.history(f"evalnorm_alpha/{layer}").values()
+    assert [it for _, it in history] == [0, 1, 2, 3]
+    alphas = [v for v, _ in history]
+    assert alphas[0] == alphas[1] == pytest.approx(0.25)  # the rule of thumb, untouched
+    assert alphas[2] != pytest.approx(0.25) and alphas[3] != alphas[2]
+    hook = next(h for h in trainer._hooks if isinstance(h, OnlineEstimationHook))
+    assert hook.estimator.optimizer.state_dict()["state"][0]["step"] == 2  # iterations 2 and 3
+
+
 def test_hook_drops_gradients_from_forwards_outside_an_iteration():
     model = convert_to_evalnorm(small_cnn(nn.BatchNorm2d), norm_batch_size=2).train()
     hook = OnlineEstimationHook(model)
+    hook.trainer = types.SimpleNamespace(iter=0)
     hook.before_train()
+    hook.before_step()
     model(torch.randn(2, 1, 8, 8))  # e.g. PreciseBN's passes after the previous step
     layers = [m for _, m in en_layers(model)]
     assert all(m._aux_grad is not None for m in layers)

@@ -10,8 +10,8 @@ __all__ = ["OnlineEstimationHook"]
 class OnlineEstimationHook(HookBase):
     """Wraps :class:`OnlineEstimator` for detectron2's training loop.
 
-    Estimation is on while training runs. After each iteration's model step, alpha and beta
-    take one step of their own optimizer (the model's optimizer never holds them), their
+    Estimation is on while training runs, from iteration ``start_iter`` on. After each such
+    iteration's model step, alpha and beta take one step of their own optimizer (the model's optimizer never holds them), their
     gradients averaged over processes. Every ``log_period`` iterations every layer's alpha
     and beta go to the event storage as ``evalnorm_alpha/<layer>`` and ``evalnorm_beta/<layer>``
     (so TensorBoard and metrics.json show them). The estimator's optimizer state is saved
@@ -22,28 +22,35 @@ class OnlineEstimationHook(HookBase):
     """
 
     def __init__(
-        self, model, lr=0.01, optimizer="adam", momentum=0.9, log_period=20, max_positions=None
+        self,
+        model,
+        lr=0.01,
+        optimizer="adam",
+        momentum=0.9,
+        log_period=20,
+        max_positions=None,
+        start_iter=0,
     ):
         self.estimator = OnlineEstimator(
             model, lr=lr, optimizer=optimizer, momentum=momentum, max_positions=max_positions
         )
         self.estimator.enabled = False
         self.log_period = log_period
-
-    def before_train(self):
-        self.estimator.enabled = True
+        self.start_iter = start_iter
 
     def after_train(self):
         self.estimator.enabled = False
 
     def before_step(self):
+        self.estimator.enabled = self.trainer.iter >= self.start_iter
         # Only this iteration's forward counts: drop what other training-mode forwards left
         # since the last step (PreciseBN's passes, for example).
         for _, m in self.estimator.layers:
             m.take_aux_grad()
 
     def after_step(self):
-        self.estimator.step()
+        if self.estimator.enabled:
+            self.estimator.step()
         next_iter = self.trainer.iter + 1
         if next_iter % self.log_period == 0 or next_iter == self.trainer.max_iter:
             self._log()

@@ -77,6 +77,7 @@ class Trainer(DefaultTrainer):
                 momentum=online.MOMENTUM,
                 log_period=online.LOG_PERIOD,
                 max_positions=online.MAX_POSITIONS or None,
+                start_iter=online.START_ITER,
             )
             hooks.insert(2, hook)  # after IterationTimer and LRScheduler, before checkpoints
             # The writers keep only each scalar's latest value: write at least as often as the
