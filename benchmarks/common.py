@@ -3,6 +3,8 @@
 import json
 import os
 import platform
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -12,7 +14,8 @@ RESULTS = ("results.json", "results.md")
 
 
 def machine(device="cpu"):
-    """The machine and software a measurement was taken with, as a JSON-able dict."""
+    """The machine and software a measurement was taken with, as a JSON-able dict: platform,
+    CPU, cores available, load average, threads, versions, device."""
     import detectron2
     import torchvision
 
@@ -26,12 +29,16 @@ def machine(device="cpu"):
         "platform": platform.platform(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else None,
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "detectron2": detectron2.__version__,
-        "device": device,
     }
     if str(device).startswith("cuda"):
         info["device"] = torch.cuda.get_device_name(device)
@@ -41,16 +48,19 @@ def machine(device="cpu"):
     return info
 
 
-def prepare_output_dir(path, overwrite):
-    """Create ``path``; refuse (FileExistsError naming the file) to replace earlier results
-    unless ``overwrite``, before anything is measured."""
-    existing = [name for name in RESULTS if os.path.exists(os.path.join(path, name))]
+def prepare_output_dir(path, overwrite, outputs=RESULTS):
+    """Create ``path`` for a benchmark that writes ``outputs`` (file or folder names) there.
+    Before anything is measured, refuse (FileExistsError naming the first one) to replace
+    earlier outputs unless ``overwrite``; with it, remove them, so no stale file survives."""
+    path = Path(path)
+    existing = [path / name for name in outputs if (path / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(
-            f"{os.path.join(path, existing[0])} exists: pass --overwrite to replace it, or "
-            "choose another --output-dir"
+            f"{existing[0]} exists: pass --overwrite to replace it, or choose another --output-dir"
         )
-    os.makedirs(path, exist_ok=True)
+    for target in existing:
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    path.mkdir(parents=True, exist_ok=True)
 
 
 def write_results(path, results, table):

@@ -1,4 +1,7 @@
-"""Test helpers: independent float64 references and small models."""
+"""Test helpers: independent float64 references, small models, and the scripts under test."""
+
+import importlib.util
+import sys
 
 import numpy as np
 import torch
@@ -92,3 +95,15 @@ def class_images(n, size=12, num_classes=4, seed=0):
     gain = torch.rand(n, 1, 1, 1, generator=g) * 1.5 + 0.5
     offset = torch.randn(n, 1, 1, 1, generator=g)
     return images * gain + offset, labels
+
+
+def load_script(path):
+    """Imports the script at ``path`` (a tool or a benchmark) as a module named after its file;
+    its folder goes on ``sys.path`` first, for the modules it imports from beside it."""
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,17 +3,16 @@
 import copy
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from detectron2.modeling import build_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import overhead
+from helpers import load_script
 
 from evalnorm_det import convert_to_batchnorm
+
+overhead = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py")
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,9 @@ def test_config_builds(name):
         cfg.MODEL.EVALNORM.NORM_BATCH_SIZE or cfg.SOLVER.IMS_PER_BATCH
     )
     check_evalnorm_config(cfg, world_size=gpus)
-    if gpus > 1:
+    if cfg.MODEL.EVALNORM.MICROBATCH:  # one process emulates the GPUs (the benchmark's config)
+        check_evalnorm_config(cfg, world_size=1)
+    elif gpus > 1:
         with pytest.raises(ValueError, match="MODEL.EVALNORM.NORM_BATCH_SIZE"):
             check_evalnorm_config(cfg, world_size=1)
         check_evalnorm_config(cfg, world_size=1, training=False)  # evaluation: any GPU count

@@ -15,7 +15,6 @@ scale), while one wrong tensor (a BN's running_var permuted in a single layer) a
 res4 by ~3e-2 of its scale, and EvalNorm's "en" mode instead of "ema" by ~3e-1.
 """
 
-import importlib.util
 import os
 import pickle
 import re
@@ -29,6 +28,7 @@ import torchvision
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
+from helpers import load_script
 from torch import nn
 
 from evalnorm_det import EvalNorm2d, EvalNormCheckpointer, add_evalnorm_config
@@ -39,14 +39,9 @@ TOOL = ROOT / "tools" / "convert_imagenet_checkpoint.py"
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _import_tool():
-    spec = importlib.util.spec_from_file_location("convert_imagenet_checkpoint", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _import_tool()
+tool = load_script(TOOL)
+# The benchmarks' "ImageNet" stand-in: torchvision's ResNet-50 layout at another width.
+NarrowResNet50 = load_script(ROOT / "benchmarks" / "detection_regimes.py").StandinResNet50
 
 
 @torch.no_grad()
@@ -472,27 +467,6 @@ def test_fpn_layout(torchvision_file, torchvision_resnet50, converted, reference
     assert_norms(model, "EN", "EN")
     assert_every_tensor_landed(model, torchvision_resnet50[1])
     assert_reproduces_torchvision(model, reference)
-
-
-class NarrowResNet50(torchvision.models.ResNet):
-    """torchvision's ResNet-50 layout and key names (its ``Bottleneck`` and ``_make_layer``) with
-    ``stem`` channels out of conv1 and bottleneck width ``width`` in layer1, doubling per stage."""
-
-    def __init__(self, stem, width, num_classes=10):
-        nn.Module.__init__(self)
-        self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
-        self.inplanes = stem
-        self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        block = torchvision.models.resnet.Bottleneck
-        self.layer1 = self._make_layer(block, width, 3)
-        self.layer2 = self._make_layer(block, 2 * width, 4, stride=2)
-        self.layer3 = self._make_layer(block, 4 * width, 6, stride=2)
-        self.layer4 = self._make_layer(block, 8 * width, 3, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(32 * width, num_classes)
 
 
 @pytest.mark.parametrize("widths", [(16, 8), (32, 8)], ids=["1/8-width", "stem-equals-res2"])

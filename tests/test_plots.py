@@ -1,7 +1,6 @@
 """tools/plot_alpha_beta.py (the paper's Figure 3) and tools/plot_activations.py (Figure 1) on
 tiny data: the PNGs they write, the values behind them, and their refusals."""
 
-import importlib.util
 import itertools
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 from detection_helpers import en_layers, tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from helpers import randomize_batchnorm
+from helpers import load_script, randomize_batchnorm
 from matplotlib import colors
 from matplotlib import image as mpimg
 
@@ -29,15 +28,8 @@ from evalnorm_det.visualize import (
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-plot_alpha_beta = load_tool("plot_alpha_beta")
-plot_activations = load_tool("plot_activations")
+plot_alpha_beta = load_script(TOOLS / "plot_alpha_beta.py")
+plot_activations = load_script(TOOLS / "plot_activations.py")
 
 
 def check_png(path, width, height, colours):
