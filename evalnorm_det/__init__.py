@@ -20,7 +20,7 @@ except ImportError as e:
 
 from . import data, modeling  # noqa: F401  (registers datasets, backbone and ROI heads)
 from .config import add_evalnorm_config, check_evalnorm_config
-from .convert import convert_to_batchnorm, convert_to_evalnorm
+from .convert import convert_to_batchnorm, convert_to_evalnorm, fold_to_batchnorm
 from .engine import EvalNormCheckpointer, MissingStatisticsError, OnlineEstimationHook, Trainer
 from .estimation import OnlineEstimator, estimate_offline
 from .layers import EvalNorm2d, get_norm
@@ -41,6 +41,7 @@ __all__ = [
     "convert_to_evalnorm",
     "estimate_offline",
     "evalnorm_mode",
+    "fold_to_batchnorm",
     "get_norm",
     "keep_running_stats",
 ]

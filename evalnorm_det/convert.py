@@ -6,7 +6,7 @@ from torch import nn
 
 from .layers import EvalNorm2d
 
-__all__ = ["BATCHNORM_TYPES", "convert_to_batchnorm", "convert_to_evalnorm"]
+__all__ = ["BATCHNORM_TYPES", "convert_to_batchnorm", "convert_to_evalnorm", "fold_to_batchnorm"]
 
 BATCHNORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 
@@ -71,7 +71,8 @@ def convert_to_batchnorm(model):
     """Replace every ``EvalNorm2d`` by ``nn.BatchNorm2d`` (frozen ones by ``FrozenBatchNorm2d``).
 
     For export and deployment: weights and statistics are kept, alpha and beta are dropped, so
-    the result evaluates as the ``"ema"`` mode did. Converted in place; returns the model.
+    the result evaluates as the ``"ema"`` mode did, whatever mode the layers were in (see
+    ``fold_to_batchnorm``, which checks). Converted in place; returns the model.
     """
 
     def to_batchnorm(en, name):
@@ -90,6 +91,36 @@ def convert_to_batchnorm(model):
         return bn.train(en.training)
 
     return _replace_modules(model, lambda m: isinstance(m, EvalNorm2d), to_batchnorm)
+
+
+def fold_to_batchnorm(model):
+    """``convert_to_batchnorm`` for deployment, once every ``EvalNorm2d`` evaluates as EMA.
+
+    The result is plain ``BatchNorm2d``/``FrozenBatchNorm2d`` (no evalnorm_det needed to run
+    it), evaluating exactly as the model did. That holds only where a layer's evaluation uses
+    the running statistics alone: mode "ema", or mode "en" with alpha = beta = 0. Any other
+    mode mixes in each sample's own statistics, which no fixed scale and shift can reproduce:
+    such a model raises ``ValueError``; export it as it is (``torch.jit.trace``, ONNX) instead,
+    or choose EMA explicitly (``evalnorm_mode(model, "ema")`` around the call).
+    Converted in place; returns the model.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, EvalNorm2d) and not _evaluates_as_ema(m):
+            raise ValueError(
+                f"fold_to_batchnorm: EvalNorm2d {name or 'model'!r} evaluates in mode "
+                f"{m.mode!r} (alpha={m.alpha.item():.4g}, beta={m.beta.item():.4g}), which uses "
+                "each sample's own statistics: BatchNorm cannot reproduce it. Export the model "
+                "with EvalNorm2d as it is (torch.jit.trace or torch.onnx.export), or fold its "
+                'EMA evaluation on purpose: with evalnorm_mode(model, "ema"): '
+                "fold_to_batchnorm(model)"
+            )
+    return convert_to_batchnorm(model)
+
+
+def _evaluates_as_ema(layer):
+    if layer.mode == "ema":
+        return True
+    return layer.mode == "en" and layer.alpha.item() == 0.0 and layer.beta.item() == 0.0
 
 
 @torch.no_grad()

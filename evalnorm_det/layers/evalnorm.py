@@ -225,7 +225,8 @@ class EvalNorm2d(nn.BatchNorm2d):
         return y
 
     def _evaluate(self, x):
-        if self.mode == "ema" or x.shape[0] == 0:
+        # Traced, this check would be baked in; the exported path handles empty batches itself.
+        if self.mode == "ema" or (not EF.is_exporting() and x.shape[0] == 0):
             return super().forward(x)
         if self.mode == "batch":
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)

@@ -12,13 +12,33 @@ __all__ = [
     "auxiliary_loss",
     "evalnorm",
     "evalnorm_statistics",
+    "is_exporting",
     "normalization_batch_statistics",
     "sample_statistics",
 ]
 
 
+def is_exporting():
+    """True while ``torch.jit.trace``, ``torch.onnx.export`` or ``torch.export`` records a graph.
+
+    The fast inference kernels below run on (1, N*C, H, W) views of ``x``; recorded graphs get
+    elementwise ops instead, which every exporter knows and whose shapes follow the input.
+    """
+    torch_export = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    return (
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or (torch_export is not None and torch_export())
+    )
+
+
 def sample_statistics(x):
     """Mean and biased variance of each sample over its spatial positions: (N, C) each."""
+    if is_exporting():
+        # batch_norm_update_stats has no ONNX symbolic, nor torch.export support: two passes.
+        mean = x.mean(dim=(2, 3))
+        var = (x - mean[:, :, None, None]).pow(2).mean(dim=(2, 3))
+        return mean, var
     n, c, h, w = x.shape
     # BatchNorm's own statistics kernel on a (1, N*C, H, W) view, where each (sample, channel)
     # is a channel: as stable as var_mean and several times faster on CPU.
@@ -62,11 +82,12 @@ def evalnorm(x, running_mean, running_var, weight, bias, alpha, beta, eps):
     comes from BatchNorm's own evaluation kernel on a (1, N*C, H, W) view, each (sample,
     channel) a channel with its mu_hat, var_hat: one pass over ``x``, as BatchNorm evaluation
     does. With autograd, which does not differentiate that kernel's statistics, it is computed
-    elementwise so gradients reach alpha and beta.
+    elementwise so gradients reach alpha and beta; so too while tracing or exporting to ONNX
+    (see ``is_exporting``), where one graph must serve every input shape.
     """
     mu_i, var_i = sample_statistics(x)
     mu_hat, var_hat = evalnorm_statistics(mu_i, var_i, running_mean, running_var, alpha, beta)
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or is_exporting():
         scale = torch.rsqrt(var_hat + eps)[:, :, None, None] * weight[:, None, None]
         return torch.addcmul(bias[:, None, None], x - mu_hat[:, :, None, None], scale)
     n, c, h, w = x.shape
