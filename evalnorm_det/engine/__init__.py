@@ -1,9 +1,12 @@
-"""detectron2 training and evaluation with EvalNorm: hook, checkpointer, trainer, the per-mode
-test, the rescue of BN checkpoints, and what the tools share."""
+"""detectron2 training and evaluation with EvalNorm: hooks, checkpointer, trainer, resuming,
+the per-mode test, the rescue of BN checkpoints, and what the tools share."""
 
 from .checkpoint import (
+    CheckpointError,
+    CorruptCheckpointError,
     EvalNormCheckpointer,
     MissingStatisticsError,
+    UnsafeCheckpointError,
     read_checkpoint,
     save_evalnorm_checkpoint,
 )
@@ -17,7 +20,7 @@ from .defaults import (
     setup_cfg,
 )
 from .evaluation import evaluate_modes, evaluation_mode, format_table, write_tables
-from .hooks import OnlineEstimationHook
+from .hooks import NonFiniteCheckHook, OnlineEstimationHook
 from .rescue import (
     build_evalnorm_model,
     estimate_offline_from_config,
@@ -25,13 +28,20 @@ from .rescue import (
     rescue_metadata,
     training_batches,
 )
+from .resume import ResumeStateHook, SkippingSampler
 from .trainer import Trainer, build_augmentation
 
 __all__ = [
+    "CheckpointError",
+    "CorruptCheckpointError",
     "EvalNormCheckpointer",
     "MissingStatisticsError",
+    "NonFiniteCheckHook",
     "OnlineEstimationHook",
+    "ResumeStateHook",
+    "SkippingSampler",
     "Trainer",
+    "UnsafeCheckpointError",
     "add_rescue_arguments",
     "argument_parser",
     "build_augmentation",

@@ -178,6 +178,7 @@ class EvalNormCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
+        _check_architecture(self.model, incompatible, getattr(self, "_loading", None))
         if not self.require_statistics:
             return incompatible
         missing = set(incompatible.missing_keys)
@@ -207,6 +208,49 @@ class EvalNormCheckpointer(DetectionCheckpointer):
                 "reset the norms after loading (regime (b), MODEL.EVALNORM.RESET_NORM True)."
             )
         return incompatible
+
+
+# Fine-tuning to other classes changes only these shapes; detectron2 skips them with a warning.
+_CLASS_SPECIFIC = ("roi_heads.box_predictor.", "roi_heads.mask_head.predictor.")
+
+
+def _check_architecture(model, incompatible, path):
+    """``CheckpointError`` listing the mismatched keys when the checkpoint just loaded (``path``)
+    is for another architecture: shapes that differ outside the class-specific predictors, or
+    fewer than half of the model's parameters found in it (detectron2 would only warn)."""
+    shapes = [s for s in incompatible.incorrect_shapes if not s[0].startswith(_CLASS_SPECIFIC)]
+    # alpha/beta are filled in where a BN checkpoint lacks them: not counted.
+    params = [n for n, _ in model.named_parameters() if not n.endswith("_logit")]
+    missing = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
+    absent = [n for n in params if n in missing]
+    if not shapes and len(absent) <= len(params) / 2:
+        return
+
+    def first(names, n=8):
+        more = f", ... ({len(names) - n} more)" if len(names) > n else ""
+        return ", ".join(names[:n]) + more
+
+    problems = []
+    if shapes:
+        listed = [f"{k} {tuple(c)} vs {tuple(m)}" for k, c, m in shapes]
+        problems.append(
+            f"{len(shapes)} entries of other shapes (checkpoint vs model): {first(listed)}"
+        )
+    if len(absent) > len(params) / 2:
+        problems.append(
+            f"{len(absent)} of the model's {len(params)} parameters not in it: {first(absent)}"
+        )
+        if incompatible.unexpected_keys:
+            unexpected = list(incompatible.unexpected_keys)
+            problems.append(
+                f"{len(unexpected)} entries the model does not have: {first(unexpected)}"
+            )
+    raise CheckpointError(
+        f"{path}: a checkpoint for another architecture: {'; '.join(problems)}. Use a checkpoint "
+        "of this config's model (only the class-specific roi_heads.box_predictor may differ, "
+        "as when fine-tuning to other classes), or convert ImageNet weights with "
+        "tools/convert_imagenet_checkpoint.py; MODEL.WEIGHTS '' trains from scratch."
+    )
 
 
 def has_identity_statistics(layer):

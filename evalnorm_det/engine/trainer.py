@@ -1,5 +1,6 @@
 """``Trainer``: detectron2's ``DefaultTrainer`` with EvalNorm's hook, checks and evaluation."""
 
+import contextlib
 import functools
 import json
 import logging
@@ -12,8 +13,9 @@ from detectron2.data import (
     detection_utils,
 )
 from detectron2.data import transforms as T
+from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import DefaultTrainer
-from detectron2.engine.hooks import PeriodicWriter
+from detectron2.engine.hooks import PeriodicCheckpointer, PeriodicWriter
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
@@ -22,9 +24,11 @@ from ..config import check_evalnorm_config, norm_batch_sizes, test_modes
 from ..layers import EvalNorm2d
 from ..modeling import reset_norms
 from .checkpoint import EvalNormCheckpointer
+from .cpu import amp_on_cpu, ddp_on_cpu
 from .evaluation import evaluate_modes, format_table, write_tables
-from .hooks import OnlineEstimationHook
+from .hooks import NonFiniteCheckHook, OnlineEstimationHook
 from .rescue import estimate_offline_from_config, training_batches
+from .resume import ResumeStateHook, SkippingSampler
 
 __all__ = ["Trainer", "build_augmentation"]
 
@@ -50,13 +54,18 @@ class Trainer(DefaultTrainer):
     - loads checkpoints with :class:`EvalNormCheckpointer` (no folded BN into EvalNorm);
     - regime (b): resets the norms after loading ``MODEL.WEIGHTS`` when
       ``MODEL.EVALNORM.RESET_NORM``;
+    - ``--resume`` continues as if never interrupted (:class:`ResumeStateHook`): checkpoints
+      hold every rank's torch/NumPy/Python random state and the sampler's seed, and the
+      training sampler skips the images the checkpointed iterations used;
     - ``test`` evaluates every mode of ``TEST.EVALNORM_MODES`` with COCO AP and writes the
       table to ``OUTPUT_DIR/evalnorm_table.{txt,csv,md}`` and ``evalnorm_results.json``.
     """
 
     def __init__(self, cfg):
         check_evalnorm_config(cfg)  # before anything is built
-        super().__init__(cfg)
+        with ddp_on_cpu():
+            super().__init__(cfg)
+        self._trainer = amp_on_cpu(cfg, self._trainer)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ calls this after making its checkpointer: swap in ours
@@ -67,6 +76,9 @@ class Trainer(DefaultTrainer):
             trainer=self.checkpointer.checkpointables["trainer"],
         )
         hooks = super().build_hooks()
+        # Just before the checkpointer (rank 0 only has one): every rank gathers its random state.
+        at = next((i for i, h in enumerate(hooks) if isinstance(h, PeriodicCheckpointer)), None)
+        hooks.insert(len(hooks) if at is None else at, ResumeStateHook())
         online = self.cfg.MODEL.EVALNORM.ONLINE
         model = self.checkpointer.model  # not DDP-wrapped: layer names as in the checkpoints
         if online.ENABLED and any(isinstance(m, EvalNorm2d) for m in model.modules()):
@@ -85,6 +97,10 @@ class Trainer(DefaultTrainer):
             for h in hooks:
                 if isinstance(h, PeriodicWriter):
                     h._period = min(h._period, online.LOG_PERIOD)
+        if any(isinstance(m, EvalNorm2d) for m in model.modules()):
+            # After the estimation step, before anything is saved: NaN stops with the layer name.
+            at = next((i for i, h in enumerate(hooks) if isinstance(h, PeriodicCheckpointer)), None)
+            hooks.insert(len(hooks) if at is None else at, NonFiniteCheckHook(model))
         return hooks
 
     def resume_or_load(self, resume=True):
@@ -101,13 +117,22 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """detectron2's loader, its sampler wrapped in a :class:`SkippingSampler` (found again as
+        the loader's ``skipping_sampler``) so that a resumed run continues the data order."""
         mapper = DatasetMapper(cfg, is_train=True, augmentations=build_augmentation(cfg, True))
-        return build_detection_train_loader(cfg, mapper=mapper)
+        with _naming_missing_data(cfg.DATASETS.TRAIN, "DATASETS.TRAIN"):
+            kwargs = _train_loader_from_config(cfg, mapper=mapper)
+        if kwargs["sampler"] is not None:
+            kwargs["sampler"] = SkippingSampler(kwargs["sampler"])
+        loader = build_detection_train_loader(**kwargs)
+        loader.skipping_sampler = kwargs["sampler"]
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         mapper = DatasetMapper(cfg, is_train=False, augmentations=build_augmentation(cfg, False))
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        with _naming_missing_data((dataset_name,), "DATASETS.TEST"):
+            return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -173,3 +198,21 @@ class Trainer(DefaultTrainer):
         logger.info("EvalNorm table written to %s.{txt,csv,md}", prefix)
         with open(os.path.join(cfg.OUTPUT_DIR, f"evalnorm_results{suffix}.json"), "w") as f:
             json.dump(per_mode, f, indent=2)
+
+
+@contextlib.contextmanager
+def _naming_missing_data(names, key):
+    """Re-raises a missing dataset file as a FileNotFoundError naming the file, the datasets
+    (``key``) and ``$DETECTRON2_DATASETS``, under which detectron2 registers its builtin ones."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+        missing = e.filename or e
+        raise FileNotFoundError(
+            f"{missing}: not found while loading {key} {', '.join(names)}. detectron2's builtin "
+            f"datasets (coco_2014_*, ...) are read from $DETECTRON2_DATASETS, here "
+            f"{os.path.abspath(root)!r} (default ./datasets), as registered when detectron2 was "
+            "first imported: put the data there in detectron2's layout (see its datasets/README.md"
+            ") or set DETECTRON2_DATASETS before starting."
+        ) from e
