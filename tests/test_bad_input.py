@@ -59,6 +59,48 @@ def test_misspelled_key_stops_train_net_before_output_dir_is_touched(tmp_path):
     assert files(out) == before  # no config.yaml, log.txt or checkpoint written or replaced
 
 
+@pytest.mark.parametrize(
+    "case", ["truncated weights", "missing weights", "missing dataset", "resume"]
+)
+def test_bad_files_stop_train_net_before_output_dir_is_touched(tmp_path, case):
+    """The checkpoint to load and the datasets' files are checked before any worker starts:
+    detectron2's set-up would otherwise write config.yaml and log.txt to OUTPUT_DIR first."""
+    out = tmp_path / "output"
+    out.mkdir()
+    (out / "config.yaml").write_text("the previous run's config")
+    opts, expected = [], ""
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "no_datasets"))
+    if case == "truncated weights":
+        weights = tmp_path / "weights.pth"
+        torch.save({"model": {"w": torch.zeros(1000)}}, weights)
+        weights.write_bytes(weights.read_bytes()[:500])
+        opts, expected = ["MODEL.WEIGHTS", str(weights)], f"{weights}: cannot be read"
+    elif case == "missing weights":
+        opts, expected = ["MODEL.WEIGHTS", str(tmp_path / "nope.pth")], "does not exist"
+    elif case == "missing dataset":
+        opts = ["DATASETS.TRAIN", "('coco_2014_train',)"]
+        expected = "not found while loading DATASETS.TRAIN coco_2014_train"
+    else:
+        (out / "model_0000001.pth").write_bytes(b"")
+        (out / "last_checkpoint").write_text("model_0000001.pth")
+        opts, expected = ["--resume"], f"{out / 'model_0000001.pth'}: empty file"
+    before = files(out)
+    cmd = [sys.executable, str(ROOT / "tools" / "train_net.py"), "--config-file", DEMO]
+    flags = [o for o in opts if o.startswith("--")]
+    overrides = [o for o in opts if not o.startswith("--")]
+    proc = subprocess.run(
+        [*cmd, *flags, *overrides, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-2000:]
+    assert files(out) == before  # config.yaml not replaced, no log.txt, nothing else
+
+
 def test_coefficients_outside_0_1_in_the_config_are_named(tmp_path):
     cfg = tiny_cfg(tmp_path, "MODEL.EVALNORM.INIT", "value", "MODEL.EVALNORM.INIT_ALPHA", "1.5")
     with pytest.raises(ValueError, match=r"MODEL\.EVALNORM\.INIT_ALPHA"):

@@ -271,6 +271,7 @@ def _set_metadata(name: str, json_file: str, image_root: str) -> None:
         json_file=json_file,
         image_root=image_root,
         evaluator_type="coco",
+        generated_at_first_use=True,  # its files may not exist before its loader runs
         thing_classes=list(CLASSES),
         thing_dataset_id_to_contiguous_id={d + 1: d for d in range(len(CLASSES))},
     )

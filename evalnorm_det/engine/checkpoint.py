@@ -19,6 +19,7 @@ __all__ = [
     "MissingStatisticsError",
     "UnsafeCheckpointError",
     "has_identity_statistics",
+    "missing_weights_error",
     "read_checkpoint",
     "save_evalnorm_checkpoint",
 ]
@@ -64,12 +65,7 @@ class EvalNormCheckpointer(DetectionCheckpointer):
                     f"Checkpoint {path!r} does not exist, but {self._resuming} names it as the "
                     f"one to resume from. {self._resume_advice()}"
                 )
-            raise FileNotFoundError(
-                f"Checkpoint {path!r} (MODEL.WEIGHTS) does not exist. For the ImageNet weights the "
-                "configs expect, convert torchvision's ResNet-50 with "
-                "tools/convert_imagenet_checkpoint.py (see the README); MODEL.WEIGHTS '' trains "
-                "from scratch."
-            )
+            raise missing_weights_error(path)
         self._loading = path
         return super().load(path, *args, **kwargs)
 
@@ -250,6 +246,16 @@ def _check_architecture(model, incompatible, path):
         "of this config's model (only the class-specific roi_heads.box_predictor may differ, "
         "as when fine-tuning to other classes), or convert ImageNet weights with "
         "tools/convert_imagenet_checkpoint.py; MODEL.WEIGHTS '' trains from scratch."
+    )
+
+
+def missing_weights_error(path):
+    """FileNotFoundError for a ``MODEL.WEIGHTS`` file that does not exist, saying what to use."""
+    return FileNotFoundError(
+        f"Checkpoint {path!r} (MODEL.WEIGHTS) does not exist. For the ImageNet weights the "
+        "configs expect, convert torchvision's ResNet-50 with "
+        "tools/convert_imagenet_checkpoint.py (see the README); MODEL.WEIGHTS '' trains "
+        "from scratch."
     )
 
 

@@ -10,6 +10,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_evalnorm_config, check_evalnorm_config
+from .inputs import check_inputs
 
 __all__ = [
     "CONFIGS",
@@ -110,10 +111,12 @@ def setup(args):
 
 
 def launch_checked(main, args):
-    """``detectron2.engine.launch(main, ..., args=(args,))`` after checking the config in this
-    process, so a bad one stops before any worker starts."""
+    """``detectron2.engine.launch(main, ..., args=(args,))`` after checking, in this process,
+    the config and the files the run reads (:func:`check_inputs`): a bad one stops before any
+    worker starts or writes to OUTPUT_DIR."""
     world_size = args.num_gpus * args.num_machines
-    setup_cfg(args.config_file, args.opts, world_size, training=_training(args))
+    cfg = setup_cfg(args.config_file, args.opts, world_size, training=_training(args))
+    check_inputs(cfg, training=_training(args), resume=getattr(args, "resume", False))
     launch(
         main,
         args.num_gpus,

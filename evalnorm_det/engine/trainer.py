@@ -1,6 +1,5 @@
 """``Trainer``: detectron2's ``DefaultTrainer`` with EvalNorm's hook, checks and evaluation."""
 
-import contextlib
 import functools
 import json
 import logging
@@ -27,6 +26,7 @@ from .checkpoint import EvalNormCheckpointer
 from .cpu import amp_on_cpu, ddp_on_cpu
 from .evaluation import evaluate_modes, format_table, write_tables
 from .hooks import NonFiniteCheckHook, OnlineEstimationHook
+from .inputs import naming_missing_data
 from .rescue import estimate_offline_from_config, training_batches
 from .resume import ResumeStateHook, SkippingSampler
 
@@ -120,7 +120,7 @@ class Trainer(DefaultTrainer):
         """detectron2's loader, its sampler wrapped in a :class:`SkippingSampler` (found again as
         the loader's ``skipping_sampler``) so that a resumed run continues the data order."""
         mapper = DatasetMapper(cfg, is_train=True, augmentations=build_augmentation(cfg, True))
-        with _naming_missing_data(cfg.DATASETS.TRAIN, "DATASETS.TRAIN"):
+        with naming_missing_data(cfg.DATASETS.TRAIN, "DATASETS.TRAIN"):
             kwargs = _train_loader_from_config(cfg, mapper=mapper)
         if kwargs["sampler"] is not None:
             kwargs["sampler"] = SkippingSampler(kwargs["sampler"])
@@ -131,7 +131,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         mapper = DatasetMapper(cfg, is_train=False, augmentations=build_augmentation(cfg, False))
-        with _naming_missing_data((dataset_name,), "DATASETS.TEST"):
+        with naming_missing_data((dataset_name,), "DATASETS.TEST"):
             return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
@@ -198,21 +198,3 @@ class Trainer(DefaultTrainer):
         logger.info("EvalNorm table written to %s.{txt,csv,md}", prefix)
         with open(os.path.join(cfg.OUTPUT_DIR, f"evalnorm_results{suffix}.json"), "w") as f:
             json.dump(per_mode, f, indent=2)
-
-
-@contextlib.contextmanager
-def _naming_missing_data(names, key):
-    """Re-raises a missing dataset file as a FileNotFoundError naming the file, the datasets
-    (``key``) and ``$DETECTRON2_DATASETS``, under which detectron2 registers its builtin ones."""
-    try:
-        yield
-    except FileNotFoundError as e:
-        root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
-        missing = e.filename or e
-        raise FileNotFoundError(
-            f"{missing}: not found while loading {key} {', '.join(names)}. detectron2's builtin "
-            f"datasets (coco_2014_*, ...) are read from $DETECTRON2_DATASETS, here "
-            f"{os.path.abspath(root)!r} (default ./datasets), as registered when detectron2 was "
-            "first imported: put the data there in detectron2's layout (see its datasets/README.md"
-            ") or set DETECTRON2_DATASETS before starting."
-        ) from e
