@@ -60,7 +60,8 @@ def test_misspelled_key_stops_train_net_before_output_dir_is_touched(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["truncated weights", "missing weights", "missing dataset", "resume"]
+    "case",
+    ["truncated weights", "missing weights", "other architecture", "missing dataset", "resume"],
 )
 def test_bad_files_stop_train_net_before_output_dir_is_touched(tmp_path, case):
     """The checkpoint to load and the datasets' files are checked before any worker starts:
@@ -77,6 +78,9 @@ def test_bad_files_stop_train_net_before_output_dir_is_touched(tmp_path, case):
         opts, expected = ["MODEL.WEIGHTS", str(weights)], f"{weights}: cannot be read"
     elif case == "missing weights":
         opts, expected = ["MODEL.WEIGHTS", str(tmp_path / "nope.pth")], "does not exist"
+    elif case == "other architecture":
+        weights = save_model(tiny_fpn_cfg(tmp_path / "fpn"), tmp_path / "fpn.pth")
+        opts, expected = ["MODEL.WEIGHTS", weights], "a checkpoint for another architecture"
     elif case == "missing dataset":
         opts = ["DATASETS.TRAIN", "('coco_2014_train',)"]
         expected = "not found while loading DATASETS.TRAIN coco_2014_train"

@@ -2,11 +2,14 @@
 starts, so a missing or broken one stops it before anything is written to OUTPUT_DIR."""
 
 import contextlib
+import logging
 import os
 
 from detectron2.data import MetadataCatalog
+from detectron2.modeling import build_model
 
-from .checkpoint import missing_weights_error, read_checkpoint
+from .checkpoint import EvalNormCheckpointer, missing_weights_error, read_checkpoint
+from .rescue import build_evalnorm_model
 
 __all__ = ["check_inputs", "missing_dataset_error", "naming_missing_data"]
 
@@ -36,7 +39,8 @@ def naming_missing_data(names, key):
 def check_inputs(cfg, training=True, resume=False):
     """Raise, naming the file, if a dataset file registered for the run is missing, or if the
     checkpoint it will load (the one ``OUTPUT_DIR/last_checkpoint`` names when resuming, else
-    ``MODEL.WEIGHTS``) is missing, empty, truncated or unsafe. Datasets whose files are made at
+    ``MODEL.WEIGHTS``) is missing, empty, truncated or unsafe; ``MODEL.WEIGHTS`` is also loaded
+    into the model, so folded BN or another architecture stops the run here too. Datasets whose files are made at
     first use (the bundled digits, metadata ``generated_at_first_use``) are checked when they
     are loaded instead."""
     keys = (("DATASETS.TRAIN", cfg.DATASETS.TRAIN),) if training else ()
@@ -60,4 +64,20 @@ def check_inputs(cfg, training=True, resume=False):
         return
     if not os.path.isfile(weights):
         raise missing_weights_error(weights)
-    read_checkpoint(weights)
+    _load_into_model(cfg, weights, training)
+
+
+def _load_into_model(cfg, weights, training):
+    """Loads ``weights`` into the run's model, built on CPU and then dropped, so that every
+    checkpoint check (corrupt or unsafe file, folded BN, another architecture) runs now."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg) if training else build_evalnorm_model(cfg)
+    checkpointer = EvalNormCheckpointer(model)
+    checkpointer.require_statistics = not (training and cfg.MODEL.EVALNORM.RESET_NORM)
+    logging.disable(logging.WARNING)  # the run logs the loading itself, once set up
+    try:
+        checkpointer.load(weights)
+    finally:
+        logging.disable(logging.NOTSET)
