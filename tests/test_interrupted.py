@@ -6,10 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
 from detection_helpers import tiny_cfg
+
+from evalnorm_det.engine import ResumeStateHook
 
 HELPER = Path(__file__).resolve().parent / "interrupted_train.py"
 
@@ -81,3 +84,15 @@ def test_killed_run_resumes_bitwise_equal(tmp_path):
     assert "ResumeStateHook" in hooks
     assert any(k.endswith("alpha_logit") for k in a["model"])
     assert_same(a, b)
+
+
+def test_checkpoint_without_random_states_resumes_with_a_warning(caplog):
+    """A checkpoint saved outside the checkpoint iterations (``checkpointer.save`` called by
+    hand) holds the hook's empty state: resuming from it still works, random numbers restart."""
+    hook = ResumeStateHook()
+    hook.trainer = types.SimpleNamespace(data_loader=None)
+    hook.load_state_dict(hook.state_dict())  # {}: nothing gathered yet
+    state = torch.get_rng_state()
+    hook.before_train()
+    assert "no random states" in caplog.text
+    assert torch.equal(torch.get_rng_state(), state)

@@ -79,7 +79,10 @@ class ResumeStateHook(HookBase):
             )
         else:
             logger.warning("Resuming with a data loader of its own: its order starts over")
-        ranks = state["ranks"]
+        ranks = state.get("ranks")
+        if ranks is None:  # saved by a save outside the checkpoint iterations
+            logger.warning("The checkpoint has no random states: random numbers start over")
+            return
         if len(ranks) != comm.get_world_size():
             logger.warning(
                 "The checkpoint has the random states of %d processes, this run has %d: "
