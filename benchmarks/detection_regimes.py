@@ -1,45 +1,57 @@
 #!/usr/bin/env python
-"""Table 2 of the paper in miniature: the four detection transfer regimes x {2, 4, 8} images
-per GPU on the bundled digits, each model evaluated with EMA (vanilla BatchNorm) and EN.
+"""Table 2 of the paper in miniature: the detection transfer regimes x {2, 4, 8} images per GPU
+on the bundled digits at 128 px (res4 8x8), each model evaluated with EMA, EN and peer rows.
 
-Regimes (configs/regimes, DESIGN-NOTES.md): (a) scratch, convolutions and BN trained; (b)
-"ImageNet" convolutions, BN reset (MODEL.EVALNORM.RESET_NORM) and trained; (c) "ImageNet"
-convolutions trained, BN frozen (FrozenEN); (d) "ImageNet" convolutions and BN fine-tuned.
-"ImageNet" is a stand-in the benchmark pre-trains itself: a ResNet-50 at the detector's width
-(1/8; stem 16, bottleneck widths 8/16/32/64) in torchvision's layout, trained for 10-way digit
-classification on crops of images rendered as the detection data (train-split digits on its
-backgrounds, various scales, RGB, torchvision's pixel mean/std), saved as a torchvision
-``state_dict`` and converted by ``tools/convert_imagenet_checkpoint.py``, run as a subprocess.
+Regimes (configs/regimes, DESIGN-NOTES.md): (a) scratch; (b) "ImageNet" convolutions, BN reset
+(MODEL.EVALNORM.RESET_NORM) and trained; (c) "ImageNet" convolutions trained, BN frozen
+(FrozenEN), in the three readings of MODEL.EVALNORM.FROZEN_EN: "c" = batch_target (frozen
+statistics in training, EN estimated against the batch-normalized target), "c_frozen_target"
+= (i) (EN estimated against the frozen normalization training produced), "c_batch_stats" =
+(ii) (batch statistics in training, EMA and affine frozen); (d) "ImageNet" convolutions and BN
+fine-tuned. "ImageNet" is a stand-in the benchmark pre-trains itself: a ResNet-50 at the
+detector's width (1/8; stem 16) in torchvision's layout, trained for 10-class classification of
+64 px windows around a digit cut from 128 px scenes of the detection data's renderer at native
+scale, not resized (train-split digits, another seed than the detection data), so its BN
+statistics come from inputs of the detector's scale; saved as a torchvision ``state_dict`` and
+converted by ``tools/convert_imagenet_checkpoint.py``. (Multi-label classification of whole
+scenes, ``standin_task`` "scenes", did not learn in minutes.)
 
 Each cell is the Faster R-CNN R50-C4 of configs/benchmarks/detection_regimes.yaml trained with
-alpha/beta estimated online, then evaluated by ``Trainer.test`` in the modes EMA and EN (same
-weights). Unlike the paper, which ran 8 GPUs x N images with the learning rate scaled by N,
-every cell here takes the same SGD batch of 8 images per iteration, the same learning rate,
-iterations, data order and seed; MODEL.EVALNORM.MICROBATCH normalizes the 8 images in groups of
-N (the backbone's EN layers, and res5 on the ROIs of each group), i.e. one process reproduces
-8/N GPUs x N images, so only the normalization batch changes, as in the paper's section 4.1.
+alpha/beta estimated online; every cell takes 8 images per SGD step, the same learning rate,
+iterations and data order (its seed); MODEL.EVALNORM.MICROBATCH normalizes the 8 images in
+groups of N (one process = 8/N GPUs x N images), so only the normalization batch changes. The
+same weights are then evaluated on the test split (digit samples never trained on) as: EMA, EN,
+1/B^2, prediction-time BN (alpha = beta = 1), Summers and Dinneen's inference example weighing
+(one alpha = beta for the whole network, the best AP of ``example_weights`` on a selection split
+of train-split digits rendered with a seed of its own: neither training nor test images),
+PreciseBN (population statistics over every normalization group), PreciseBN + EN offline, and
+head batch statistics (Wu and Johnson).
 
 Headline: regime (d) at 2 images, the share of the EMA gap that EN recovers,
-(EN@2 - EMA@2) / (EMA@8 - EMA@2) in AP; the paper's is 78% (24.8 -> 30.2 against 31.7).
+(EN@2 - EMA@2) / (EMA@8 - EMA@2) in AP, per seed and of the means; the paper's is 78%.
 
-    python benchmarks/detection_regimes.py [--mode quick|full|smoke] [--threads 2]
+    python benchmarks/detection_regimes.py [--mode smoke|quick|full] [--threads 1]
 
-Prints the table and writes ``results.json`` (every cell's AP/AP50/AP75 per mode, settings,
-machine, wall times) and ``results.md`` to ``--output-dir`` (default
-output/benchmarks/detection_regimes/<mode>; earlier results are kept unless ``--overwrite``),
-with each cell's config, log, metrics, checkpoint and ``evalnorm_results.json`` in ``cells/``.
-Modes, timed on the project's 2-core CPU machine:
+Each cell's result is written to ``--output-dir``/cells/<cell>.json as soon as it is done,
+with ``results.json`` and ``results.md`` (means and spread over seeds) rewritten after each
+cell; a rerun with the same settings skips the finished cells, other settings are refused
+unless ``--overwrite``. Checkpoints, logs and the stand-in go to ``--work-dir`` (default
+output/benchmarks/detection_regimes/<mode>/work), never to the output dir. Modes:
 
-- smoke (CI): 32 px, 2 iterations per cell, a stand-in of 4 steps: ~20 s. Its numbers mean
-  nothing ("-" where a model made no finite detection).
-- quick (default): 64 px, 1000/200 images, 400 iterations per cell at LR 0.08, a stand-in of
-  1000 steps (~85% top-1 on held-out digits): 30 min with ``--threads 2`` on an idle machine,
-  38 min with one thread beside other jobs; ``--iters 200`` halves the cells' time, but the
-  detectors then barely start to learn. The APs move by several points from run to run (one
-  thread or two changes them), so read one quick table as an example, not a measurement.
-- full: a GPU (``--device cuda``), 128 px, 4000/500 images, 3000 iterations, 3 seeds (the
-  table shows their means; one stand-in, from the first), 1/B^2 as an extra row; not timed
-  yet (no GPU machine so far).
+- smoke (CI): 32 px, 2 iterations per cell, every regime at N = 2 and 8: its numbers mean
+  nothing.
+- quick: the full mode's scale with 400 iterations (3200 images, as the 128 px demo), 1000
+  training, 200 test and 100 selection images, and only the five cells that carry the
+  conclusions: (d) at 2 and 8, (c) at 2 in its three readings, seed 0. Leaves out (a), (b),
+  N = 4, (c) at 8 and the extra seeds. About 25 min with ``--threads 1`` (estimated from the
+  full mode's measured times, not run end to end).
+- full: 1000 iterations (8000 images), 2000 training, 300 test and 200 selection images, 24
+  cells: the four regimes x {2, 4, 8} seed 0, (d) seeds 1 and 2, (c) seed 1 at 2 and 8, (c)
+  (i) and (ii) at 2 and 8; ordered (d) 2 and 8, then every (c) at 2 and 8, then (a) 2 and 8,
+  then the rest. Measured with ``--threads 1`` on a 2-core machine whose other core ran
+  another job: the stand-in 73 s, then 0.40 s per iteration; cell (d) N = 2: 436 s training +
+  154 s evaluation (every row) = 9.8 min; N = 8: 456 + 208 s = 11.1 min; about 4.2 h in all
+  (see each cell's "seconds").
 """
 
 import argparse
@@ -49,37 +61,43 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torchvision
-from common import machine, prepare_output_dir, write_results  # benchmarks/, beside this file
+from common import machine  # benchmarks/, beside this file
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.utils.env import seed_all_rng
 from torch import nn
 from torch.nn import functional as F
 
-from evalnorm_det import Trainer
+from evalnorm_det import EvalNorm2d, Trainer
 from evalnorm_det.data.digits import (
     datasets_root,
     generate_digits,
-    load_digit_samples,
-    render_image,
+    generate_extra_split,
+    render_split,
     split_paths,
 )
 from evalnorm_det.engine.defaults import setup_cfg
+from evalnorm_det.engine.evaluation import fixed_coefficients
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "benchmarks" / "detection_regimes.yaml"
 TOOL = ROOT / "tools" / "convert_imagenet_checkpoint.py"
 IMS_PER_BATCH = 8  # images per SGD step in every cell; N of them per normalization group
 METRICS = ("AP", "AP50", "AP75")
+NUM_CLASSES = 10
+# Seeds of the generated images: the detection data's train and test splits use 0 and 1
+# (generate_digits), the stand-in's scenes and the example-weighing selection split these.
+STANDIN_SEEDS = {"train": 100, "val": 101}
+SELECTION_SEED = 200
 # Table 2 (d) of the paper, ResNet-50 on COCO: EMA at 2 and 8 images per GPU, EN at 2 (AP).
 PAPER_D = {"ema_2": 24.8, "en_2": 30.2, "ema_8": 31.7}
 PAPER_RECOVERED = (PAPER_D["en_2"] - PAPER_D["ema_2"]) / (PAPER_D["ema_8"] - PAPER_D["ema_2"])
@@ -87,58 +105,108 @@ PAPER_RECOVERED = (PAPER_D["en_2"] - PAPER_D["ema_2"]) / (PAPER_D["ema_8"] - PAP
 REGIMES = {
     "a": "(a) scratch: convolutions and BN trained",
     "b": "(b) stand-in weights, BN reset and trained",
-    "c": "(c) stand-in weights, BN frozen (FrozenEN)",
+    "c": "(c) stand-in weights, BN frozen; EN target: batch-normalized",
+    "c_frozen_target": "(c, i) BN frozen; EN target: the frozen normalization",
+    "c_batch_stats": "(c, ii) BN on batch statistics, EMA and affine frozen",
     "d": "(d) stand-in weights, BN fine-tuned",
 }
+# MODEL.EVALNORM.FROZEN_EN of the (c) regimes.
+FROZEN_EN = {
+    "c": "batch_target",
+    "c_frozen_target": "frozen_target",
+    "c_batch_stats": "batch_stats",
+}
+
+# The rows of a regime's block, in order, where measured: the trainer's test modes, EN - EMA
+# and example weighing (chosen by the benchmark on the selection split).
+ROW_LABELS = {
+    "ema": "EMA",
+    "en": "EN",
+    "en-ema": "EN - EMA",
+    "rule_of_thumb": "1/B^2",
+    "prediction_time_bn": "pred.-time BN",
+    "example_weighing": "example weigh.",
+    "precise_bn": "PreciseBN",
+    "precise_bn_en_offline": "PreciseBN+EN off",
+    "head_batch_stats": "head batch st.",
+}
+TEST_MODES = ("ema", "en", "rule_of_thumb", "prediction_time_bn", "precise_bn")
+TEST_MODES += ("precise_bn_en_offline", "head_batch_stats")
 
 logger = logging.getLogger("evalnorm_det.benchmarks.detection_regimes")
 
 
+def _cells(regimes, images, seeds):
+    return tuple((r, n, s) for s in seeds for r in regimes for n in images)
+
+
+FULL_CELLS = (
+    _cells("d", (2, 8), (0,))
+    + _cells(FROZEN_EN, (2, 8), (0,))
+    + _cells("a", (2, 8), (0,))
+    + _cells("b", (2, 8), (0,))
+    + _cells("abcd", (4,), (0,))
+    + _cells("d", (2, 8, 4), (1, 2))
+    + _cells("c", (2, 8), (1,))
+)
+
+
 @dataclasses.dataclass
 class Settings:
-    """One mode's settings; ``--device``, ``--iters``, ``--regimes``, ``--images-per-gpu`` and
-    ``--seed`` override theirs."""
+    """One mode's settings; ``--device``, ``--iters`` override theirs, ``--regimes``,
+    ``--images-per-gpu`` and ``--seed`` select among its cells."""
 
     device: str
-    seeds: tuple
-    regimes: tuple = tuple(REGIMES)
-    images_per_gpu: tuple = (2, 4, 8)
-    # The defaults are quick mode's. Detection data and model (the demo's sizes are for 128 px;
-    # the anchors scale with the image).
-    image_size: int = 64
+    cells: tuple  # (regime, N, seed) in the order they run
+    image_size: int = 128
     num_train: int = 1000
-    num_val: int = 200
+    num_val: int = 200  # the test split
+    num_select: int = 100  # the selection split of example weighing
     iters: int = 400
     warmup_iters: int = 50
     # The demo's 0.01 per image (0.02 at 2 images), scaled linearly to the 8 images of a step.
     base_lr: float = 0.08
-    pooler_resolution: int = 4
+    pooler_resolution: int = 8
     rois_per_image: int = 32
     rpn_batch_per_image: int = 128
     rpn_topk_train: tuple = (600, 100)  # PRE_NMS_TOPK_TRAIN, POST_NMS_TOPK_TRAIN
-    rpn_topk_test: tuple = (300, 50)
-    test_modes: tuple = ("ema", "en", "rule_of_thumb")
+    rpn_topk_test: tuple = (600, 100)
+    test_modes: tuple = TEST_MODES
+    precise_bn_iters: int = 100  # batches of N images (TEST.PRECISE_BN.NUM_ITER)
+    offline_iters: int = 200  # MODEL.EVALNORM.OFFLINE.MAX_ITER
+    example_weights: tuple = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
     score_thresh_test: float = 0.05
     num_workers: int = 0  # data-loading processes (DATALOADER.NUM_WORKERS)
-    # The stand-in: crops of standin_images rendered images, resized to standin_patch px.
-    standin_images: int = 5000
-    standin_patch: int = 48
-    standin_iters: int = 1000
+    # The stand-in: "crops" (the digit of a standin_crop px window of standin_images rendered
+    # scenes, at native scale: 93% top-1 on val-split windows in 160 s on one thread) or
+    # "scenes" (multi-label classification of whole scenes: stayed at its constant baseline,
+    # 80.8% of the present/absent decisions right, with LR 0.1 x 1500 or 0.02 x 2000 steps).
+    standin_task: str = "crops"
+    standin_crop: int = 64
+    standin_images: int = 3000
+    standin_iters: int = 1500
     standin_batch: int = 32
     standin_lr: float = 0.1
 
     def anchor_sizes(self):
         return [[round(s * self.image_size / 128) for s in (16, 32, 64)]]
 
+    def fingerprint(self):
+        """What a cell's numbers depend on (everything but the choice of cells), as JSON."""
+        d = dataclasses.asdict(self)
+        del d["cells"]
+        return json.loads(json.dumps(d))
+
 
 MODES = {
     # CI: exercises the whole path in seconds; its numbers mean nothing.
     "smoke": Settings(
         device="cpu",
-        seeds=(0,),
+        cells=_cells(REGIMES, (2, 8), (0,)),
         image_size=32,
         num_train=8,
         num_val=4,
+        num_select=4,
         iters=2,
         warmup_iters=1,
         base_lr=0.005,
@@ -148,29 +216,26 @@ MODES = {
         rpn_batch_per_image=16,
         rpn_topk_train=(50, 16),
         rpn_topk_test=(50, 16),
+        precise_bn_iters=2,
+        offline_iters=2,
+        example_weights=(0.0, 0.1),
+        standin_crop=16,
         standin_images=16,
-        standin_patch=32,
         standin_iters=4,
-        standin_batch=16,
+        standin_batch=8,
     ),
-    # CPU: about 30 min on 2 cores (the issue's 15 is not reached).
-    "quick": Settings(device="cpu", seeds=(0,)),
-    # A GPU: the demo's 128 px images and pooler, 4x its data, 7.5x quick's iterations, 3 seeds.
+    "quick": Settings(
+        device="cpu",
+        cells=_cells("d", (2, 8), (0,)) + _cells(FROZEN_EN, (2,), (0,)),
+    ),
     "full": Settings(
-        device="cuda",
-        seeds=(0, 1, 2),
-        image_size=128,
-        num_train=4000,
-        num_val=500,
-        iters=3000,
-        warmup_iters=200,
-        pooler_resolution=8,
-        rpn_topk_test=(600, 100),
-        num_workers=4,
-        standin_images=20000,
-        standin_patch=64,
-        standin_iters=8000,
-        standin_batch=64,
+        device="cpu",
+        cells=FULL_CELLS,
+        num_train=2000,
+        num_val=300,
+        num_select=200,
+        iters=1000,
+        warmup_iters=100,
     ),
 }
 
@@ -183,7 +248,7 @@ class StandinResNet50(torchvision.models.ResNet):
     same key names) with ``stem`` channels out of conv1 and bottleneck width ``width`` in layer1,
     doubling per stage (outputs 4x): (16, 8) is the detector's ResNet-50 at 1/8 width."""
 
-    def __init__(self, stem=16, width=8, num_classes=10):
+    def __init__(self, stem=16, width=8, num_classes=NUM_CLASSES):
         nn.Module.__init__(self)
         self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
         self.inplanes = stem
@@ -207,55 +272,73 @@ class StandinResNet50(torchvision.models.ResNet):
                 nn.init.zeros_(m.bn3.weight)
 
 
-def render_patches(split, num_images, image_size, patch_size, seed):
-    """Digit-centred crops of ``num_images`` images rendered as the detection data (digit
-    samples of ``split``): a square of 1.2-2x the digit's longer side, shifted by up to 15%,
-    resized to ``patch_size``. Returns (P, patch_size, patch_size, 3) uint8 RGB and (P,) int64
-    labels, about 2 patches per image."""
-    rng = np.random.default_rng(seed)
-    samples, labels = load_digit_samples(split)
-    patches, classes = [], []
-    for _ in range(num_images):
-        r = render_image(rng, samples, labels, image_size)
+def render_scenes(split, num_images, image_size, seed):
+    """``num_images`` whole scenes rendered as the detection data (digit samples of ``split``,
+    ``default_rng(seed)``): (P, S, S, 3) uint8 RGB and (P, 10) float32 multi-hot labels (the
+    digits present)."""
+    images, targets = [], np.zeros((num_images, NUM_CLASSES), np.float32)
+    for i, r in enumerate(render_split(split, num_images, image_size, seed)):
+        images.append(r.image)
+        targets[i, r.labels] = 1.0
+    return np.stack(images), targets
+
+
+def render_crops(split, num_images, image_size, crop, seed):
+    """Windows of ``crop`` px at native scale (no resizing) around each digit of
+    ``num_images`` scenes rendered as the detection data: the digit's box inside the window
+    at a random place (centred when larger). (P, crop, crop, 3) uint8 RGB and (P,) int64
+    labels, 1-3 windows per scene."""
+    rng = np.random.default_rng(seed + 1000)
+    windows, labels = [], []
+    for r in render_split(split, num_images, image_size, seed):
         for (x, y, w, h), label in zip(r.boxes.tolist(), r.labels.tolist()):
-            side = min(image_size, round(max(w, h) * rng.uniform(1.2, 2.0)))
-            cx, cy = x + w / 2 + rng.uniform(-0.15, 0.15) * side, y + h / 2
-            cy += rng.uniform(-0.15, 0.15) * side
-            x0 = int(np.clip(round(cx - side / 2), 0, image_size - side))
-            y0 = int(np.clip(round(cy - side / 2), 0, image_size - side))
-            crop = r.image[y0 : y0 + side, x0 : x0 + side]
-            interp = cv2.INTER_AREA if side > patch_size else cv2.INTER_LINEAR
-            patches.append(cv2.resize(crop, (patch_size, patch_size), interpolation=interp))
-            classes.append(label)
-    return np.stack(patches), np.array(classes, np.int64)
+            x0 = rng.integers(x + w - crop, x + 1) if w <= crop else x + (w - crop) // 2
+            y0 = rng.integers(y + h - crop, y + 1) if h <= crop else y + (h - crop) // 2
+            x0 = int(np.clip(x0, 0, image_size - crop))
+            y0 = int(np.clip(y0, 0, image_size - crop))
+            windows.append(r.image[y0 : y0 + crop, x0 : x0 + crop])
+            labels.append(label)
+    return np.stack(windows), np.array(labels, np.int64)
 
 
-def _normalize(patches, device):
-    """(P, S, S, 3) uint8 RGB -> (P, 3, S, S) float32, normalized as the detector's input."""
+def _pixel_normalizer(device):
+    """uint8 (P, S, S, 3) RGB -> float32 (P, 3, S, S), normalized as the detector's input."""
     cfg = setup_cfg(str(CONFIG), world_size=1)
     # what tools/convert_imagenet_checkpoint.py's output expects: torchvision's conventions
     assert cfg.INPUT.FORMAT == "RGB" and not cfg.MODEL.RESNETS.STRIDE_IN_1X1, CONFIG
-    x = torch.from_numpy(patches).to(device).permute(0, 3, 1, 2).float()
     mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.MODEL.PIXEL_STD, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return lambda x: (x.to(device).permute(0, 3, 1, 2).float() - mean) / std
 
 
 @torch.no_grad()
-def _accuracy(model, x, y, batch=256):
+def _accuracy(model, x, y, normalize, batch=64):
+    """Accuracy in %: top-1 for class labels (P,); for multi-hot labels (P, 10), of the 10
+    present/absent decisions at logit 0."""
     model.eval()
-    correct = sum(
-        (model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item()
-        for i in range(0, len(x), batch)
-    )
-    return 100.0 * correct / max(len(x), 1)
+    logits = torch.cat([model(normalize(x[i : i + batch])) for i in range(0, len(x), batch)])
+    right = logits.argmax(1).cpu() == y if y.dim() == 1 else (logits > 0).cpu() == (y > 0.5)
+    return 100.0 * right.float().mean().item()
+
+
+def _standin_data(s, split, num_images):
+    """The stand-in's inputs and labels for ``split`` (torch tensors, uint8 images)."""
+    if s.standin_task not in ("crops", "scenes"):
+        raise ValueError(f"standin_task={s.standin_task!r}: expected 'crops' or 'scenes'")
+    if s.standin_task == "crops" and not 0 < s.standin_crop <= s.image_size:
+        raise ValueError(f"standin_crop={s.standin_crop}: expected 1 to {s.image_size} px")
+    seed = STANDIN_SEEDS[split]
+    if s.standin_task == "scenes":
+        x, y = render_scenes(split, num_images, s.image_size, seed)
+    else:
+        x, y = render_crops(split, num_images, s.image_size, s.standin_crop, seed)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 @torch.no_grad()
-def population_statistics(model, x, batch, generator, num_batches=50):
+def population_statistics(model, x, normalize, batch, generator, num_batches=50):
     """Replaces every BN layer's running statistics by their average over ``num_batches``
-    training batches of the final weights (detectron2's PreciseBN), so that they match the
-    weights even after a handful of steps (smoke mode)."""
+    training batches of the final weights (PreciseBN), so that they match the weights."""
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in norms:
         m.reset_running_stats()
@@ -263,26 +346,25 @@ def population_statistics(model, x, batch, generator, num_batches=50):
     model.train()
     order = torch.randperm(len(x), generator=generator)
     for i in range(min(num_batches, max(len(x) // batch, 1))):
-        model(x[order[i * batch : (i + 1) * batch].to(x.device)])
+        model(normalize(x[order[i * batch : (i + 1) * batch]]))
     for m in norms:
         m.momentum = 0.1
 
 
 def train_standin(s, seed, path):
-    """Trains the stand-in on ``s.device`` (SGD, Nesterov momentum 0.9, cosine from
-    ``s.standin_lr``, BN over batches of ``s.standin_batch``), recomputes its BN statistics
-    (``population_statistics``), saves its torchvision ``state_dict`` to ``path``; returns a
-    summary dict (accuracies in %, seconds)."""
+    """Trains the stand-in on ``s.device`` for ``s.standin_task`` ("scenes": which of the 10
+    digits are in a whole scene, binary cross-entropy; "crops": the digit of a native-scale
+    window, cross-entropy), SGD with Nesterov momentum 0.9, cosine from ``s.standin_lr``, BN
+    over batches of ``s.standin_batch``; recomputes its BN statistics, saves its torchvision
+    ``state_dict`` to ``path``; returns a summary dict (accuracies in %, seconds)."""
     start = time.perf_counter()
-    train_x, train_y = render_patches("train", s.standin_images, s.image_size, s.standin_patch, 0)
-    val_x, val_y = render_patches(
-        "val", max(s.standin_images // 10, 8), s.image_size, s.standin_patch, 1
-    )
-    device = s.device
-    train_x, val_x = _normalize(train_x, device), _normalize(val_x, device)
-    train_y, val_y = torch.from_numpy(train_y).to(device), torch.from_numpy(val_y).to(device)
+    train_x, train_y = _standin_data(s, "train", s.standin_images)
+    val_x, val_y = _standin_data(s, "val", max(s.standin_images // 10, 8))
+    normalize = _pixel_normalizer(s.device)
+    multilabel = s.standin_task == "scenes"
+    criterion = F.binary_cross_entropy_with_logits if multilabel else F.cross_entropy
     torch.manual_seed(seed)
-    model = StandinResNet50().to(device)
+    model = StandinResNet50().to(s.device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=s.standin_lr, momentum=0.9, weight_decay=1e-4, nesterov=True
     )
@@ -297,23 +379,35 @@ def train_standin(s, seed, path):
     for _ in range(s.standin_iters):
         if len(order) < s.standin_batch:
             order = torch.randperm(len(train_x), generator=generator)
-        idx, order = order[: s.standin_batch].to(device), order[s.standin_batch :]
-        loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
+        idx, order = order[: s.standin_batch], order[s.standin_batch :]
+        loss = criterion(model(normalize(train_x[idx])), train_y[idx].to(s.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-    population_statistics(model, train_x, s.standin_batch, generator)
+    population_statistics(model, train_x, normalize, s.standin_batch, generator)
+    if multilabel:  # "every digit absent", per label
+        baseline = 100.0 * (1 - val_y.mean().item())
+    else:  # the most common class
+        baseline = 100.0 * torch.bincount(val_y).max().item() / len(val_y)
     summary = {
         "architecture": "torchvision ResNet-50 layout, stem 16, bottleneck widths 8/16/32/64",
-        "train_patches": len(train_x),
-        "val_patches": len(val_x),
-        "patch_size": s.standin_patch,
+        "task": {
+            "scenes": "multi-label 10-class classification of whole scenes (digits present); "
+            "accuracy: of the present/absent decisions",
+            "crops": f"10-class classification of {s.standin_crop} px windows around a digit, "
+            "at native scale (not resized); accuracy: top-1",
+        }[s.standin_task],
+        "train_inputs": len(train_x),
+        "val_inputs": len(val_x),
+        "input_size": train_x.shape[1],
+        "image_size": s.image_size,
         "iterations": s.standin_iters,
         "batch": s.standin_batch,
         "final_loss": loss.item(),
-        "train_accuracy": _accuracy(model, train_x[:2000], train_y[:2000]),
-        "val_accuracy": _accuracy(model, val_x, val_y),
+        "train_accuracy": _accuracy(model, train_x[:1000], train_y[:1000], normalize),
+        "val_accuracy": _accuracy(model, val_x, val_y, normalize),
+        "val_accuracy_constant_baseline": baseline,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
@@ -321,41 +415,75 @@ def train_standin(s, seed, path):
     return summary
 
 
-def start_conversion(src, dst, threads):
-    """Starts ``tools/convert_imagenet_checkpoint.py SRC DST`` in a subprocess (it runs while
-    regime (a), which needs no weights, trains); returns the ``Popen``."""
+def convert_standin(src, dst, threads):
+    """``tools/convert_imagenet_checkpoint.py SRC DST`` in a subprocess; returns its output,
+    raises if it failed."""
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, str(TOOL), str(src), str(dst)]
-    return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    proc = subprocess.run(
+        cmd, check=False, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout}")
+    return proc.stdout
 
 
-def finish_conversion(process):
-    """Waits for ``start_conversion``'s subprocess; returns its output, raises if it failed."""
-    output, _ = process.communicate()
-    if process.returncode:
-        raise RuntimeError(f"{' '.join(process.args)} failed:\n{output}")
-    return output
+def prepare_standin(s, out, work, threads):
+    """The stand-in's detectron2 checkpoint: reused from ``work``/standin when it was made with
+    these settings, else trained and converted. Writes its summary to ``out``/standin.json;
+    returns (checkpoint path, summary)."""
+    folder = work / "standin"
+    weights = folder / "R-50-standin-detectron2.pth"
+    summary_path = folder / "summary.json"
+    key = {k: v for k, v in s.fingerprint().items() if k.startswith("standin") or k == "device"}
+    key["image_size"] = s.image_size
+    if summary_path.exists() and weights.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("settings") == key:
+            print(f"stand-in: reusing {weights}", flush=True)
+            (out / "standin.json").write_text(json.dumps(summary, indent=1))
+            return weights, summary
+    tv_path = folder / "resnet50-standin-torchvision.pth"
+    summary = train_standin(s, 0, tv_path)
+    summary["conversion"] = convert_standin(tv_path, weights, threads)
+    summary.update(settings=key, torchvision_checkpoint=str(tv_path))
+    summary["detectron2_checkpoint"] = str(weights)
+    summary_path.write_text(json.dumps(summary, indent=1))
+    (out / "standin.json").write_text(json.dumps(summary, indent=1))
+    print(
+        f"stand-in ({summary['task']}): {summary['train_inputs']} inputs of "
+        f"{summary['input_size']} px, {s.standin_iters} steps of {s.standin_batch}: val "
+        f"accuracy {summary['val_accuracy']:.1f}% (constant baseline "
+        f"{summary['val_accuracy_constant_baseline']:.1f}%) on {summary['val_inputs']} val-split "
+        f"inputs; {summary['seconds']:.0f} s",
+        flush=True,
+    )
+    return weights, summary
 
 
 # ----------------------------------------------------------------------------------------------
 # The cells
 # ----------------------------------------------------------------------------------------------
 def register_datasets(mode, s):
-    """Generates the mode's digits under ``$DETECTRON2_DATASETS/detection_regimes_<mode>``
-    and registers them as ``regimes_digits_<mode>_{train,val}``; returns the names."""
+    """Generates the mode's digits under ``$DETECTRON2_DATASETS/detection_regimes_<mode>`` and
+    registers them as ``regimes_digits_<mode>_{train,val,selection}``: train (even digit
+    samples, seed 0), val (the test split: odd digit samples, seed 1) and selection (train-split
+    digit samples, seed SELECTION_SEED: images in neither); returns the three names."""
     root = os.path.join(datasets_root(), f"detection_regimes_{mode}")
     dataset_dir = generate_digits(root, s.num_train, s.num_val, s.image_size, seed=0)
+    paths = {split: split_paths(dataset_dir, split) for split in ("train", "val")}
+    paths["selection"] = generate_extra_split(
+        os.path.join(root, "selection"), "train", s.num_select, s.image_size, SELECTION_SEED
+    )
     names = []
-    for split in ("train", "val"):
+    for split, (json_file, image_root) in paths.items():
         name = f"regimes_digits_{mode}_{split}"
         if name in DatasetCatalog:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        register_coco_instances(name, {}, *split_paths(dataset_dir, split))
+        register_coco_instances(name, {}, json_file, image_root)
         names.append(name)
     return names
 
@@ -367,10 +495,14 @@ def regime_opts(regime, weights):
     opts = ["MODEL.WEIGHTS", str(weights)]
     if regime == "b":
         opts += ["MODEL.EVALNORM.RESET_NORM", "True"]
-    elif regime == "c":
+    elif regime in FROZEN_EN:
         opts += ["MODEL.EVALNORM.BACKBONE_NORM", "FrozenEN", "MODEL.EVALNORM.ROI_HEAD_NORM"]
-        opts += ["FrozenEN"]
+        opts += ["FrozenEN", "MODEL.EVALNORM.FROZEN_EN", FROZEN_EN[regime]]
     return opts
+
+
+def cell_name(regime, n, seed):
+    return f"{regime}_{n}img_seed{seed}"
 
 
 def cell_config(s, datasets, regime, n, seed, weights, output_dir):
@@ -380,6 +512,7 @@ def cell_config(s, datasets, regime, n, seed, weights, output_dir):
         "MODEL.DEVICE", s.device,
         "MODEL.EVALNORM.NORM_BATCH_SIZE", n,
         "MODEL.EVALNORM.MICROBATCH", True,
+        "MODEL.EVALNORM.OFFLINE.MAX_ITER", s.offline_iters,
         "MODEL.ANCHOR_GENERATOR.SIZES", str(s.anchor_sizes()),
         "MODEL.RPN.BATCH_SIZE_PER_IMAGE", s.rpn_batch_per_image,
         "MODEL.RPN.PRE_NMS_TOPK_TRAIN", s.rpn_topk_train[0],
@@ -398,16 +531,54 @@ def cell_config(s, datasets, regime, n, seed, weights, output_dir):
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", s.score_thresh_test,
         "DATALOADER.NUM_WORKERS", s.num_workers,
         "TEST.EVALNORM_MODES", str(list(s.test_modes)),
+        "TEST.PRECISE_BN.NUM_ITER", s.precise_bn_iters,
         "SEED", seed,
         "OUTPUT_DIR", str(output_dir),
     ]  # fmt: skip
     return setup_cfg(str(CONFIG), [str(v) for v in opts] + regime_opts(regime, weights), 1)
 
 
-def run_cell(cfg):
-    """Trains ``cfg`` (without its test set) from seed ``cfg.SEED``, then evaluates the final
-    weights in every mode through ``Trainer.test``, which writes ``evalnorm_results.json`` to
-    OUTPUT_DIR. Returns ({mode: {metric: value or None}}, {"train", "eval": seconds})."""
+def example_weighing(cfg, model, selection, weights):
+    """Summers and Dinneen's inference example weighing: alpha = beta = w in every layer, w the
+    first of ``weights`` with the best AP on the ``selection`` dataset; returns (w, {w: AP}) and
+    the COCO results of w on the test dataset."""
+    loader = Trainer.build_test_loader(cfg, selection)
+    selection_ap = {}
+    for w in weights:
+        with fixed_coefficients(model, w):
+            res = Trainer._evaluate_mode(cfg, model, selection, loader, f"example_weight_{w:g}")
+        selection_ap[w] = _finite(res["bbox"].get("AP"))
+    chosen = max(weights, key=lambda w: -1.0 if selection_ap[w] is None else selection_ap[w])
+    test = cfg.DATASETS.TEST[0]
+    with fixed_coefficients(model, chosen):
+        res = Trainer._evaluate_mode(
+            cfg, model, test, Trainer.build_test_loader(cfg, test), "example_weighing"
+        )
+    return chosen, {f"{w:g}": ap for w, ap in selection_ap.items()}, res
+
+
+def coefficient_summary(model):
+    """Mean, min and max of alpha and beta over the EvalNorm layers of the backbone and of the
+    ROI heads."""
+    summary = {}
+    for part in ("backbone", "roi_heads"):
+        layers = [m for m in getattr(model, part).modules() if isinstance(m, EvalNorm2d)]
+        for name in ("alpha", "beta"):
+            values = [getattr(m, name).item() for m in layers]
+            if values:
+                summary[f"{part}_{name}"] = {
+                    "mean": float(np.mean(values)),
+                    "min": min(values),
+                    "max": max(values),
+                }
+    return summary
+
+
+def run_cell(cfg, selection, weights):
+    """Trains ``cfg`` (without its test set) from seed ``cfg.SEED``, evaluates the final weights
+    in every mode through ``Trainer.test`` (which writes ``evalnorm_results.json`` to
+    OUTPUT_DIR) and with example weighing. Returns ({mode: {metric: value or None}}, extra
+    record fields, {"train", "eval": seconds})."""
     train_cfg = cfg.clone()
     train_cfg.defrost()
     train_cfg.DATASETS.TEST = ()
@@ -418,44 +589,55 @@ def run_cell(cfg):
     trainer.resume_or_load(resume=False)
     trainer.train()
     trained = time.perf_counter()
-    Trainer.test(cfg, trainer.model)
-    seconds = {"train": trained - start, "eval": time.perf_counter() - trained}
+    model = trainer.model
+    Trainer.test(cfg, model)
     with open(os.path.join(cfg.OUTPUT_DIR, "evalnorm_results.json")) as f:
         per_mode = json.load(f)
+    chosen, selection_ap, res = example_weighing(cfg, model, selection, weights)
+    per_mode["example_weighing"] = res
     results = {
-        mode: {m: _finite(res["bbox"].get(m)) for m in METRICS} for mode, res in per_mode.items()
+        mode: {m: _finite(r["bbox"].get(m)) for m in METRICS} for mode, r in per_mode.items()
     }
-    return results, seconds
+    extra = {
+        "example_weighing": {"chosen": chosen, "selection_ap": selection_ap},
+        "coefficients": coefficient_summary(model),
+    }
+    seconds = {"train": trained - start, "eval": time.perf_counter() - trained}
+    return results, extra, seconds
 
 
-def measure_cell(s, datasets, regime, n, seed, weights, cells_dir):
-    """Runs one cell in ``cells_dir/<regime>_<n>img_seed<seed>`` (its config.yaml, logs,
-    metrics, checkpoint, evalnorm_results.json there), prints a line; returns its record. A
-    cell that diverges is recorded with its error and no numbers."""
-    name = f"{regime}_{n}img_seed{seed}"
-    cfg = cell_config(s, datasets, regime, n, seed, weights, cells_dir / name)
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+def measure_cell(s, datasets, regime, n, seed, weights, work):
+    """Runs one cell in ``work``/cells/<name> (its config.yaml, logs, metrics, checkpoint,
+    evalnorm_results.json there), prints a line; returns its record. A cell that diverges is
+    recorded with its error and no numbers."""
+    name = cell_name(regime, n, seed)
+    cfg = cell_config(s, datasets, regime, n, seed, weights, work / "cells" / name)
+    shutil.rmtree(cfg.OUTPUT_DIR, ignore_errors=True)  # nothing left from an interrupted try
+    os.makedirs(cfg.OUTPUT_DIR)
     with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
         f.write(cfg.dump())
     logger.info("Cell %s", name)
     stdout = os.path.join(cfg.OUTPUT_DIR, "stdout.txt")  # pycocotools' prints
-    cell = {"regime": regime, "images_per_gpu": n, "seed": seed}
+    cell = {"name": name, "regime": regime, "images_per_gpu": n, "seed": seed}
     began = time.perf_counter()
     try:
         with open(stdout, "w") as f, contextlib.redirect_stdout(f):
-            cell["results"], cell["seconds"] = run_cell(cfg)
+            cell["results"], extra, cell["seconds"] = run_cell(cfg, datasets[2], s.example_weights)
+        cell.update(extra)
     except FloatingPointError as e:  # diverged: a "-" in the table, not a lost run
         logger.exception("Cell %s diverged", name)
-        cell["results"] = {m: dict.fromkeys(METRICS) for m in s.test_modes}
+        modes = (*s.test_modes, "example_weighing")
+        cell["results"] = {m: dict.fromkeys(METRICS) for m in modes}
         cell["seconds"] = {"train": time.perf_counter() - began, "eval": 0.0}
         cell["error"] = f"{type(e).__name__}: {e}"
     seconds, results = cell["seconds"], cell["results"]
     seconds["total"] = seconds["train"] + seconds["eval"]
-    cell["output_dir"] = cfg.OUTPUT_DIR
+    cell["work_dir"] = cfg.OUTPUT_DIR
+    cell["torch_threads"] = torch.get_num_threads()
     print(
-        f"  ({regime}) N={n} seed {seed}: AP EMA {_fmt(results['ema']['AP'])}, EN "
-        f"{_fmt(results['en']['AP'])}; train {seconds['train']:.0f} s ({s.iters} it), eval "
-        f"{seconds['eval']:.0f} s" + (f"; {cell['error']}" if "error" in cell else ""),
+        f"  {name}: AP EMA {_fmt(results['ema']['AP'])}, EN {_fmt(results['en']['AP'])}; train "
+        f"{seconds['train']:.0f} s ({s.iters} it), eval {seconds['eval']:.0f} s"
+        + (f"; {cell['error']}" if "error" in cell else ""),
         flush=True,
     )
     return cell
@@ -478,36 +660,43 @@ def gap_recovered(ema_small, en_small, ema_large):
     return (en_small - ema_small) / (ema_large - ema_small)
 
 
+def _with_difference(results):
+    """The cell's results with an "en-ema" row where EN and EMA are both present."""
+    rows = dict(results)
+    if "ema" in rows and "en" in rows:
+        rows["en-ema"] = {
+            m: None if None in (rows["en"][m], v) else rows["en"][m] - v
+            for m, v in rows["ema"].items()
+        }
+    return rows
+
+
 def mean_table(cells):
-    """{regime: {n: {mode: {metric: mean over seeds or None}}}} of the cells' results, with a
-    row "en-ema" (EN minus EMA of the means) where both are present."""
-    table = {}
+    """{regime: {n: {row: {metric: {"mean", "std", "n"}}}}} over the cells' seeds: the mean
+    (None if a seed has none), the sample standard deviation (None with one seed) and the
+    number of seeds; rows are the modes and "en-ema"."""
+    values = {}
     for cell in cells:
-        per_n = table.setdefault(cell["regime"], {}).setdefault(cell["images_per_gpu"], {})
-        for mode, values in cell["results"].items():
-            for metric, value in values.items():
-                per_n.setdefault(mode, {}).setdefault(metric, []).append(value)
-    for per_regime in table.values():
-        for rows in per_regime.values():
-            for mode, values in rows.items():
-                rows[mode] = {
-                    m: None if None in v else float(np.mean(v)) for m, v in values.items()
-                }
-            if "ema" in rows and "en" in rows:
-                rows["en-ema"] = {
-                    m: None if None in (rows["en"][m], rows["ema"][m]) else rows["en"][m] - v
-                    for m, v in rows["ema"].items()
-                }
+        per_n = values.setdefault(cell["regime"], {}).setdefault(cell["images_per_gpu"], {})
+        for row, metrics in _with_difference(cell["results"]).items():
+            for metric, value in metrics.items():
+                per_n.setdefault(row, {}).setdefault(metric, []).append(value)
+    table = {}
+    for regime in [r for r in REGIMES if r in values]:
+        table[regime] = {}
+        for n in sorted(values[regime]):
+            table[regime][n] = {
+                row: {m: _stats(v) for m, v in metrics.items()}
+                for row, metrics in values[regime][n].items()
+            }
     return table
 
 
-# The rows of a regime's block, in order, where measured.
-ROW_LABELS = {"ema": "EMA", "en": "EN", "en-ema": "EN - EMA", "rule_of_thumb": "1/B^2"}
-
-
-def _rows(per_regime):
-    measured = next(iter(per_regime.values()))
-    return [mode for mode in ROW_LABELS if mode in measured]
+def _stats(values):
+    if None in values:
+        return {"mean": None, "std": None, "n": len(values)}
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return {"mean": float(np.mean(values)), "std": std, "n": len(values)}
 
 
 def _fmt(value, signed=False):
@@ -516,19 +705,38 @@ def _fmt(value, signed=False):
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
+def _fmt_stats(stats, signed=False):
+    """ "mean" or "mean±std" (with more than one seed)."""
+    text = _fmt(stats["mean"], signed)
+    return text if stats["std"] is None else f"{text}±{stats['std']:.2f}"
+
+
+def _rows(per_regime):
+    measured = set().union(*(rows for rows in per_regime.values()))
+    return [row for row in ROW_LABELS if row in measured]
+
+
+def _entries(per_regime, row, images_per_gpu):
+    """The row's AP/AP50/AP75 per N as text: "." where the cell was not run."""
+    out = []
+    for n in images_per_gpu:
+        for m in METRICS:
+            stats = per_regime.get(n, {}).get(row, {}).get(m)
+            out.append("." if stats is None else _fmt_stats(stats, row == "en-ema"))
+    return out
+
+
 def format_text(table, images_per_gpu, title):
-    """The table as text, in the layout of the paper's Table 2."""
-    lines = [title, f"{'':<12}" + "".join(f"{f'{n} images/GPU':^24}" for n in images_per_gpu)]
-    lines.append(f"{'':<12}" + "".join(f"{'AP':>8}{'AP50':>8}{'AP75':>8}" for _ in images_per_gpu))
+    """The table as text, in the layout of the paper's Table 2 (mean±std over seeds)."""
+    width = 14
+    heads = "".join(f"{f'{n} images/GPU':^{3 * width}}" for n in images_per_gpu)
+    lines = [title, f"{'':<17}{heads}"]
+    lines.append(f"{'':<17}" + "".join(f"{m:>{width}}" for _ in images_per_gpu for m in METRICS))
     for regime, per_regime in table.items():
         lines.append(REGIMES[regime])
-        for mode in _rows(per_regime):
-            cells = "".join(
-                _fmt(per_regime[n][mode][m], mode == "en-ema").rjust(8)
-                for n in images_per_gpu
-                for m in METRICS
-            )
-            lines.append(f"{ROW_LABELS[mode]:<12}{cells}")
+        for row in _rows(per_regime):
+            cells = "".join(e.rjust(width) for e in _entries(per_regime, row, images_per_gpu))
+            lines.append(f"{ROW_LABELS[row]:<17}{cells}")
     return "\n".join(lines)
 
 
@@ -538,29 +746,46 @@ def format_markdown(table, images_per_gpu):
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for regime, per_regime in table.items():
         lines.append(f"| **{REGIMES[regime]}** " + "| " * (len(header) - 1) + "|")
-        for mode in _rows(per_regime):
-            values = [
-                _fmt(per_regime[n][mode][m], mode == "en-ema")
-                for n in images_per_gpu
-                for m in METRICS
-            ]
-            lines.append(f"| {ROW_LABELS[mode]} | " + " | ".join(values) + " |")
+        for row in _rows(per_regime):
+            entries = _entries(per_regime, row, images_per_gpu)
+            lines.append(f"| {ROW_LABELS[row]} | " + " | ".join(entries) + " |")
     return "\n".join(lines)
 
 
-def headline(table):
-    """The share of regime (d)'s EMA gap EN recovers at 2 images (AP), with its inputs."""
-    rows = table.get("d", {})
-    if 2 not in rows or 8 not in rows or "en" not in rows[2]:
-        return {
-            "recovered": None,
-            "text": "Gap recovered: not measured (needs regime d at 2 and 8)",
-        }
-    ema_2, en_2, ema_8 = rows[2]["ema"]["AP"], rows[2]["en"]["AP"], rows[8]["ema"]["AP"]
-    recovered = gap_recovered(ema_2, en_2, ema_8)
+def headline(cells):
+    """The share of regime (d)'s EMA gap EN recovers at 2 images (AP): per seed with both N = 2
+    and 8, and of the means over those seeds."""
+    d = {(c["images_per_gpu"], c["seed"]): c["results"] for c in cells if c["regime"] == "d"}
+    seeds = sorted(s for n, s in d if n == 2 and (8, s) in d)
     paper = (
         f"paper: {PAPER_RECOVERED:.0%} ({PAPER_D['ema_2']} -> {PAPER_D['en_2']} against "
         f"{PAPER_D['ema_8']})"
+    )
+    if not seeds:
+        return {
+            "recovered": None,
+            "per_seed": {},
+            "text": "Gap recovered: not measured (needs regime d at 2 and 8)",
+        }
+    per_seed = {}
+    for s in seeds:
+        ema_2, en_2, ema_8 = d[2, s]["ema"]["AP"], d[2, s]["en"]["AP"], d[8, s]["ema"]["AP"]
+        per_seed[str(s)] = {
+            "ema_2": ema_2,
+            "en_2": en_2,
+            "ema_8": ema_8,
+            "recovered": gap_recovered(ema_2, en_2, ema_8),
+        }
+
+    def mean(key):
+        v = [p[key] for p in per_seed.values()]
+        return None if None in v else float(np.mean(v))
+
+    ema_2, en_2, ema_8 = mean("ema_2"), mean("en_2"), mean("ema_8")
+    recovered = gap_recovered(ema_2, en_2, ema_8)
+    seeds_text = ", ".join(
+        f"seed {s}: " + ("undefined" if p["recovered"] is None else f"{p['recovered']:.0%}")
+        for s, p in per_seed.items()
     )
     if None in (ema_2, en_2, ema_8):
         text = f"Regime (d), 2 images: gap recovered undefined (missing values); {paper}"
@@ -568,14 +793,22 @@ def headline(table):
         text = (
             f"Regime (d), 2 images: gap recovered undefined: EMA@8 - EMA@2 = "
             f"{_fmt(ema_8 - ema_2, True)} AP <= 0, EMA at 2 images is not worse than at 8 here, "
-            f"so the ratio is meaningless; {paper}"
+            f"so the ratio is meaningless ({seeds_text}); {paper}"
         )
     else:
         text = (
-            f"Regime (d), 2 images: EN recovers {recovered:.0%} of the EMA gap "
-            f"({_fmt(ema_2)} -> {_fmt(en_2)} AP against {_fmt(ema_8)} at 8 images); {paper}"
+            f"Regime (d), 2 images: EN recovers {recovered:.0%} of the EMA gap ({_fmt(ema_2)} -> "
+            f"{_fmt(en_2)} AP against {_fmt(ema_8)} at 8 images, mean of {len(seeds)} seed(s); "
+            f"{seeds_text}); {paper}"
         )
-    return {"ema_2": ema_2, "en_2": en_2, "ema_8": ema_8, "recovered": recovered, "text": text}
+    return {
+        "ema_2": ema_2,
+        "en_2": en_2,
+        "ema_8": ema_8,
+        "recovered": recovered,
+        "per_seed": per_seed,
+        "text": text,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,18 +841,30 @@ def argument_parser():
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
-    parser.add_argument("--output-dir", help="default: output/benchmarks/detection_regimes/MODE")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing results")
+    parser.add_argument(
+        "--output-dir", help="small results (JSON, markdown); default: --work-dir's parent"
+    )
+    parser.add_argument(
+        "--work-dir",
+        help="checkpoints, logs, stand-in (default: output/benchmarks/detection_regimes/MODE/work)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="discard earlier results, even of other settings"
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the mode's)")
     parser.add_argument("--iters", type=int, help="training iterations per cell")
-    parser.add_argument("--regimes", nargs="+", choices=sorted(REGIMES), help="default: all")
+    parser.add_argument(
+        "--regimes", nargs="+", choices=list(REGIMES), help="only the mode's cells of these"
+    )
     parser.add_argument(
         "--images-per-gpu",
         type=int,
         nargs="+",
-        help=f"N, images per emulated GPU, each dividing {IMS_PER_BATCH} (default: 2 4 8)",
+        help=f"only the mode's cells of these N (each dividing {IMS_PER_BATCH})",
     )
-    parser.add_argument("--seed", type=int, nargs="+", help="seed(s) of every cell")
+    parser.add_argument(
+        "--seed", type=int, nargs="+", help="these seeds for every selected (regime, N)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: unchanged)")
     return parser
 
@@ -630,121 +875,163 @@ def settings_from_args(args):
         s.device = args.device
     if args.iters:
         s.iters = args.iters
+    cells = s.cells
     if args.regimes:
-        s.regimes = tuple(r for r in REGIMES if r in args.regimes)
+        cells = tuple(c for c in cells if c[0] in args.regimes)
     if args.images_per_gpu:
         bad = [n for n in args.images_per_gpu if n < 1 or IMS_PER_BATCH % n]
         if bad:
             raise SystemExit(f"error: --images-per-gpu {bad}: each must divide {IMS_PER_BATCH}")
-        s.images_per_gpu = tuple(sorted(set(args.images_per_gpu)))
+        cells = tuple(c for c in cells if c[1] in args.images_per_gpu)
     if args.seed:
-        s.seeds = tuple(args.seed)
+        pairs = list(dict.fromkeys((r, n) for r, n, _ in cells))
+        cells = tuple((r, n, seed) for seed in args.seed for r, n in pairs)
+    if not cells:
+        raise SystemExit(f"error: no cell of mode {args.mode!r} matches the selection")
+    s.cells = cells
     return s
 
 
-# What a run writes to its output directory (replaced as a whole with --overwrite).
-OUTPUTS = ("results.json", "results.md", "log.txt", "standin", "cells")
+def prepare_dirs(out, work, s, args):
+    """Creates ``out`` and ``work``. Results of other settings (``out``/settings.json) are
+    refused unless ``--overwrite``, which discards every earlier result and cell; with the same
+    settings the finished cells are kept (resumed)."""
+    settings_path = out / "settings.json"
+    current = {"mode": args.mode, "settings": s.fingerprint()}
+    if settings_path.exists() and not args.overwrite:
+        earlier = json.loads(settings_path.read_text())
+        if earlier != current:
+            changed = sorted(
+                k
+                for k in set(earlier["settings"]) | set(current["settings"])
+                if earlier["settings"].get(k) != current["settings"].get(k)
+            )
+            if earlier["mode"] != current["mode"]:
+                changed.insert(0, "mode")
+            raise FileExistsError(
+                f"{settings_path} holds results of other settings (differing: "
+                f"{', '.join(changed)}): pass --overwrite to discard them, or choose another "
+                "--output-dir"
+            )
+    elif args.overwrite:
+        for path in (out / "cells", work / "cells"):
+            shutil.rmtree(path, ignore_errors=True)
+        for name in ("results.json", "results.md", "standin.json", "settings.json"):
+            (out / name).unlink(missing_ok=True)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    settings_path.write_text(json.dumps(current, indent=1))
 
 
 def main(argv=None):
     args = argument_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     s = settings_from_args(args)
-    out = Path(args.output_dir or f"output/benchmarks/detection_regimes/{args.mode}")
-    prepare_output_dir(out, args.overwrite, OUTPUTS)
+    default = Path(f"output/benchmarks/detection_regimes/{args.mode}")
+    out = Path(args.output_dir) if args.output_dir else default
+    work = Path(args.work_dir) if args.work_dir else default / "work"
+    prepare_dirs(out, work, s, args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    with _logging_to(out / "log.txt"):
-        return run(args, s, out)
+    with _logging_to(work / "log.txt"):
+        return run(args, s, out, work)
 
 
-def run(args, s, out):
-    """Trains the stand-in and every cell, prints and writes the results; returns the report
-    (the content of ``results.json``)."""
+def run(args, s, out, work):
+    """Trains the stand-in (or reuses it) and every cell not done yet, writing each cell's JSON
+    when it is done and the tables after each; returns the report (``results.json``)."""
     start = time.perf_counter()
     where = machine(s.device)
     print(
-        f"detection_regimes --mode {args.mode}: regimes {' '.join(s.regimes)} x N = "
-        f"{', '.join(map(str, s.images_per_gpu))} images per emulated GPU, seeds "
-        f"{', '.join(map(str, s.seeds))}; {s.device}, {where['torch_threads']} thread(s); "
-        f"writing to {out}",
+        f"detection_regimes --mode {args.mode}: {len(s.cells)} cells; {s.device}, "
+        f"{where['torch_threads']} thread(s); results in {out}, work files in {work}",
         flush=True,
     )
     datasets = register_datasets(args.mode, s)
+    weights = None
+    cells, failed = [], []
+    for regime, n, seed in s.cells:
+        path = out / "cells" / f"{cell_name(regime, n, seed)}.json"
+        if path.exists():
+            cell = json.loads(path.read_text())
+            if cell.get("settings") != s.fingerprint():
+                raise FileExistsError(f"{path} was measured with other settings: --overwrite")
+            print(f"  {cell['name']}: done earlier, skipped", flush=True)
+            cells.append(cell)
+            continue
+        if regime != "a" and weights is None:
+            weights, _ = prepare_standin(s, out, work, args.threads)
+        try:
+            cell = measure_cell(s, datasets, regime, n, seed, weights, work)
+        except Exception as e:
+            name = cell_name(regime, n, seed)
+            logger.exception("Cell %s failed", name)
+            print(f"  {name}: FAILED ({type(e).__name__}: {e}); a rerun retries it", flush=True)
+            failed.append(name)
+            continue
+        cell["settings"] = s.fingerprint()
+        path.write_text(json.dumps(cell, indent=1))
+        cells.append(cell)
+        write_report(args, s, out, cells, where, start, failed)
+    return write_report(args, s, out, cells, where, start, failed, final=True)
 
-    standin = {}
-    weights = out / "standin" / "R-50-standin-detectron2.pth"
-    if set(s.regimes) - {"a"}:
-        tv_path = out / "standin" / "resnet50-standin-torchvision.pth"
-        standin = train_standin(s, s.seeds[0], tv_path)
-        conversion = start_conversion(tv_path, weights, args.threads)
-        standin.update(torchvision_checkpoint=str(tv_path), detectron2_checkpoint=str(weights))
-        print(
-            f"stand-in: {standin['train_patches']} patches of {s.standin_patch} px, "
-            f"{s.standin_iters} steps of {s.standin_batch}: top-1 {standin['val_accuracy']:.1f}% "
-            f"on {standin['val_patches']} val-split patches (train "
-            f"{standin['train_accuracy']:.1f}%); {standin['seconds']:.0f} s; converting it with "
-            f"{TOOL.relative_to(ROOT)}",
-            flush=True,
-        )
 
-    cells = []
-    for seed in s.seeds:
-        for regime in s.regimes:
-            for n in s.images_per_gpu:
-                if regime != "a" and "conversion" not in standin:
-                    waited = time.perf_counter()
-                    standin["conversion"] = finish_conversion(conversion)
-                    standin["conversion_wait_seconds"] = time.perf_counter() - waited
-                cells.append(measure_cell(s, datasets, regime, n, seed, weights, out / "cells"))
-
+def write_report(args, s, out, cells, where, start, failed=(), final=False):
+    """``results.json`` and ``results.md`` of ``cells`` (printed too when ``final``)."""
     table = mean_table(cells)
-    val = datasets[1]
-    seeds = f"seed {s.seeds[0]}" if len(s.seeds) == 1 else f"mean of seeds {s.seeds}"
+    images = sorted({c["images_per_gpu"] for c in cells})
+    seeds = sorted({c["seed"] for c in cells})
     title = (
-        f"{val}: COCO box AP (%), {s.image_size} px, {IMS_PER_BATCH} images per SGD step "
-        f"normalized in groups of N (one process = {IMS_PER_BATCH}/N GPUs x N images), "
-        f"{s.iters} iterations, {seeds}"
+        f"{s.num_val} test images: COCO box AP (%), {s.image_size} px, {IMS_PER_BATCH} images "
+        f"per SGD step normalized in groups of N (one process = {IMS_PER_BATCH}/N GPUs x N "
+        f"images), {s.iters} iterations, seeds {seeds} (mean±std where more than one)"
     )
-    text = format_text(table, s.images_per_gpu, title)
-    head = headline(table)
-    total = time.perf_counter() - start
+    text = format_text(table, images, title)
+    head = headline(cells)
     note = (
-        f"Every cell: same SGD batch ({IMS_PER_BATCH} images), LR {s.base_lr}, iterations, data "
-        "order and seed; only the normalization batch N changes (paper: 8 GPUs x N images, LR "
-        "0.015 x N / 8). In (c) training never normalizes with batch statistics: its cells are "
-        "one model up to floating-point effects (the spread of its EMA row is run-to-run noise) "
-        "and differ in alpha/beta, estimated against each N's batch statistics. '-': no finite "
-        "detection (COCO AP undefined) or a diverged cell."
+        f"Every cell: same SGD batch ({IMS_PER_BATCH} images), LR {s.base_lr}, iterations and "
+        "data order per seed; only the normalization batch N changes (paper: 8 GPUs x N "
+        "images, LR 0.015 x N / 8). Rows: the same weights evaluated with EMA, EN (alpha/beta "
+        "estimated online), 1/B^2, prediction-time BN (alpha = beta = 1), example weighing "
+        "(one alpha = beta for the network, chosen among "
+        f"{list(s.example_weights)} on {s.num_select} selection images), PreciseBN "
+        f"({s.precise_bn_iters} batches of N images; it changes nothing where training "
+        "normalizes with frozen statistics), PreciseBN + EN offline, head batch statistics. "
+        "'.': not run; '-': no finite detection (COCO AP undefined) or a diverged cell."
     )
-    print(f"\n{text}\n\n{head['text']}\n{note}\nTotal wall time {total / 60:.1f} min", flush=True)
-
-    where["load_average_at_end"] = list(os.getloadavg())
+    standin_path = out / "standin.json"
     report = {
         "benchmark": "detection_regimes",
         "mode": args.mode,
         "argv": args.argv,
         "settings": {
-            **dataclasses.asdict(s),
+            **s.fingerprint(),
             "ims_per_batch": IMS_PER_BATCH,
             "anchor_sizes": s.anchor_sizes(),
             "config": str(CONFIG.relative_to(ROOT)),
-            "datasets": datasets,
         },
         "protocol": note,
-        "machine": where,
-        "standin": standin,
-        "cells": cells,
-        "table": {r: {str(n): v for n, v in rows.items()} for r, rows in table.items()},
+        "machine": {**where, "load_average_now": list(os.getloadavg())},
+        "standin": json.loads(standin_path.read_text()) if standin_path.exists() else {},
+        "cells": [c["name"] for c in cells],
+        "failed_cells": list(failed),
+        "table": {
+            r: {str(n): rows for n, rows in per_regime.items()} for r, per_regime in table.items()
+        },
         "headline": {**head, "metric": "AP", "paper": PAPER_D, "paper_recovered": PAPER_RECOVERED},
         "wall_seconds": {
-            "standin": standin.get("seconds", 0.0),
             "cells": sum(c["seconds"]["total"] for c in cells),
-            "total": total,
+            "this_run": time.perf_counter() - start,
         },
+        "complete": final and not failed,
     }
-    markdown = format_markdown(table, s.images_per_gpu)
-    write_results(out, report, f"{title}\n\n{markdown}\n\n{head['text']}\n\n{note}\n")
+    with open(out / "results.json", "w") as f:
+        json.dump(report, f, indent=1)
+    markdown = format_markdown(table, images)
+    with open(out / "results.md", "w") as f:
+        f.write(f"{title}\n\n{markdown}\n\n{head['text']}\n\n{note}\n")
+    if final:
+        print(f"\n{text}\n\n{head['text']}\n{note}", flush=True)
     return report
 
 

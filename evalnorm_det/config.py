@@ -3,7 +3,7 @@
 from detectron2.config import CfgNode as CN
 from detectron2.utils import comm
 
-from .layers import EVAL_MODES, EVALNORM_NAMES
+from .layers import EVAL_MODES, EVALNORM_NAMES, FROZEN_EN_CHOICES
 from .modes import TEST_MODES
 
 __all__ = [
@@ -30,6 +30,19 @@ def add_evalnorm_config(cfg):
     # "GN", "" (none). These replace MODEL.RESNETS.NORM, which the EvalNorm builders ignore.
     _C.MODEL.EVALNORM.BACKBONE_NORM = "EN"
     _C.MODEL.EVALNORM.ROI_HEAD_NORM = "EN"
+    # How "FrozenEN" layers train (regime (c); their statistics and affine never change):
+    # "batch_target": they normalize with the frozen statistics, and alpha/beta are estimated
+    # against the batch-normalized target (x - mu_B) / sqrt(var_B + eps), which training never
+    # produced (the first reading of the paper; EN collapsed with it in the miniature);
+    # "frozen_target": they normalize with the frozen statistics, and alpha/beta are estimated
+    # against that frozen normalization (x - mu_E) / sqrt(var_E + eps), what training produced:
+    # alpha = beta = 0 (EMA) is then optimal, so EN cannot do worse than EMA there;
+    # "batch_stats": Table 2's header read literally ("BN EMA stats: ImageNet, not trained"):
+    # they normalize with batch statistics, as BN in training (groups of NORM_BATCH_SIZE with
+    # MICROBATCH), the EMA statistics and affine frozen; alpha/beta estimated as in
+    # "batch_target". Stages frozen by MODEL.BACKBONE.FREEZE_AT always normalize with the
+    # frozen statistics ("batch_stats" becomes "batch_target" there).
+    _C.MODEL.EVALNORM.FROZEN_EN = "batch_target"
     # Images per GPU the model trains with (or was trained with): B of the backbone's norms,
     # and with MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE that of the ROI head's. 0 derives it as
     # SOLVER.IMS_PER_BATCH / number of processes. Set it so that evaluation, offline
@@ -95,8 +108,9 @@ def add_evalnorm_config(cfg):
     # The evaluation modes the trainer tests the same weights with, one row each (see
     # evalnorm_det.modes.TEST_MODES): "ema", "en", "en_offline",
     # "rule_of_thumb", "simple", "precise_bn" (TEST.PRECISE_BN.NUM_ITER batches),
-    # "head_batch_stats"; "all" stands for all of them. The table reports EN minus EMA when
-    # both are listed.
+    # "head_batch_stats", "prediction_time_bn" (alpha = beta = 1), "precise_bn_en_offline"
+    # (PreciseBN statistics, then EN offline); "all" stands for all of them. The table reports
+    # EN minus EMA when both are listed.
     _C.TEST.EVALNORM_MODES = ["ema", "en", "rule_of_thumb"]
 
     # When > 0, every image is resized to SQUARE_SIZE x SQUARE_SIZE, in training and test
@@ -150,6 +164,7 @@ def check_evalnorm_config(cfg, world_size=None, training=True):
     norms = EVALNORM_NAMES + DETECTRON2_NORMS
     _check_choice(en.BACKBONE_NORM, norms, "MODEL.EVALNORM.BACKBONE_NORM")
     _check_choice(en.ROI_HEAD_NORM, norms, "MODEL.EVALNORM.ROI_HEAD_NORM")
+    _check_choice(en.FROZEN_EN, FROZEN_EN_CHOICES, "MODEL.EVALNORM.FROZEN_EN")
     _check_choice(en.INIT, INIT_CHOICES, "MODEL.EVALNORM.INIT")
     _check_choice(en.EVAL_MODE, EVAL_MODES, "MODEL.EVALNORM.EVAL_MODE")
     _check_choice(en.ONLINE.OPTIMIZER, OPTIMIZERS, "MODEL.EVALNORM.ONLINE.OPTIMIZER")

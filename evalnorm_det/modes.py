@@ -19,6 +19,10 @@ TEST_MODES = {
     "simple": "1/B",
     "precise_bn": "PreciseBN",  # population statistics recomputed over training batches
     "head_batch_stats": "head batch stats",  # ROI head on its test batch's statistics
+    # alpha = beta = 1: each sample normalized by its own statistics (prediction-time BN,
+    # Nado et al. 2020, with a test batch of one sample)
+    "prediction_time_bn": "prediction-time BN",
+    "precise_bn_en_offline": "PreciseBN + EN offline",  # "precise_bn", then "en_offline"
 }
 
 

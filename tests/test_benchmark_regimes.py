@@ -1,22 +1,25 @@
 """benchmarks/detection_regimes.py in smoke mode: the whole path (stand-in pre-training, the
-conversion tool, the four regimes trained with microbatches, EMA and EN through Trainer.test,
-the table and its files), and what its numbers rest on: the gap formula, the stand-in's tensors
-in the detectors, regime (b)'s reset, regime (c)'s frozen norms.
+conversion tool, the regimes trained with microbatches, every evaluation row through
+Trainer.test and example weighing, per-cell JSONs, resuming, the table and its files), and what
+its numbers rest on: the gap formula, the stand-in's tensors in the detectors, regime (b)'s
+reset, regime (c)'s frozen norms in its three readings.
 
-One smoke run (4 regimes x N = 2, 8, 2 iterations of 8 images of 32 px each) serves every test.
+One smoke run (6 regimes x N = 2, 8, 2 iterations of 8 images of 32 px each) serves every test.
 Its APs mean nothing; the tests check where they come from, not what they are.
 """
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
 import os
-import re
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
+from detectron2.data import DatasetCatalog
 from detectron2.layers import FrozenBatchNorm2d
 from helpers import load_script
 from torch import nn
@@ -27,48 +30,69 @@ from evalnorm_det.engine.defaults import setup_cfg
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "detection_regimes.py"
 IMAGES = (2, 8)
+ROWS = {"EMA", "EN", "EN - EMA", "1/B^2", "pred.-time BN", "example weigh.", "PreciseBN"}
+ROWS |= {"PreciseBN+EN off", "head batch st."}
 
 
 bench = load_script(SCRIPT)
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """(report, output dir, printed text) of one smoke run, datasets under a temporary
-    $DETECTRON2_DATASETS, one thread."""
-    tmp = tmp_path_factory.mktemp("regimes")
-    out = tmp / "out"
+@contextlib.contextmanager
+def _datasets(path):
     previous = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = str(tmp / "datasets")
+    os.environ["DETECTRON2_DATASETS"] = str(path)
     threads = torch.get_num_threads()
-    printed = io.StringIO()
-    argv = ["--mode", "smoke", "--output-dir", str(out), "--threads", "1"]
-    argv += ["--images-per-gpu", *map(str, IMAGES)]
     try:
-        with contextlib.redirect_stdout(printed):
-            report = bench.main(argv)
+        yield
     finally:
         torch.set_num_threads(threads)
         if previous is None:
             del os.environ["DETECTRON2_DATASETS"]
         else:
             os.environ["DETECTRON2_DATASETS"] = previous
-    return report, out, printed.getvalue()
 
 
-def test_every_cell_with_ema_en_and_rule_of_thumb(smoke):
-    report, out, _ = smoke
+def _run(tmp, *extra):
+    """(report, printed text) of a smoke run writing to tmp/out and tmp/work."""
+    printed = io.StringIO()
+    argv = ["--mode", "smoke", "--output-dir", str(tmp / "out"), "--work-dir", str(tmp / "work")]
+    argv += ["--threads", "1", "--images-per-gpu", *map(str, IMAGES), *extra]
+    with _datasets(tmp / "datasets"), contextlib.redirect_stdout(printed):
+        report = bench.main(argv)
+    return report, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """(report, output dir, printed text, cell records by name) of one smoke run, datasets under
+    a temporary $DETECTRON2_DATASETS, one thread."""
+    tmp = tmp_path_factory.mktemp("regimes")
+    report, printed = _run(tmp)
+    out = tmp / "out"
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    return report, out, printed, cells
+
+
+def _cell(smoke, regime, n=2):
+    return smoke[3][bench.cell_name(regime, n, 0)]
+
+
+def test_every_cell_with_every_row(smoke):
+    report, out, _, cells = smoke
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(report))
-    cells = {(c["regime"], c["images_per_gpu"], c["seed"]): c for c in report["cells"]}
-    assert set(cells) == {(r, n, 0) for r in "abcd" for n in IMAGES}
+    assert report["complete"] and sorted(report["cells"]) == sorted(cells)
+    keys = {(c["regime"], c["images_per_gpu"], c["seed"]) for c in cells.values()}
+    assert keys == {(r, n, 0) for r in bench.REGIMES for n in IMAGES}
     values = []
     for cell in cells.values():
-        assert set(cell["results"]) == {"ema", "en", "rule_of_thumb"}
+        assert set(cell["results"]) == {*bench.TEST_MODES, "example_weighing"}
         # the numbers are the Trainer's own file's
-        with open(Path(cell["output_dir"]) / "evalnorm_results.json") as f:
+        with open(Path(cell["work_dir"]) / "evalnorm_results.json") as f:
             written = json.load(f)
         for mode, metrics in cell["results"].items():
             assert set(metrics) == {"AP", "AP50", "AP75"}
+            if mode == "example_weighing":
+                continue
             for metric, value in metrics.items():
                 coco = written[mode]["bbox"][metric]
                 # None: no finite detection at all (COCO's NaN), e.g. an EMA still mostly the
@@ -77,22 +101,52 @@ def test_every_cell_with_ema_en_and_rule_of_thumb(smoke):
                 assert value is None or 0 <= value <= 100
                 values.append(value)
         assert cell["seconds"]["train"] > 0 and cell["seconds"]["eval"] > 0
+        assert cell["settings"] == {k: report["settings"][k] for k in cell["settings"]}
+        assert cell["torch_threads"] == 1
+        # small: the output dir is meant to be committed
+        assert len(json.dumps(cell)) < 20000
     assert sum(v is not None for v in values) >= len(values) // 2
-    assert report["standin"]["val_accuracy"] >= 0 and report["wall_seconds"]["total"] > 0
+    assert report["standin"]["val_accuracy"] >= 0 and report["wall_seconds"]["cells"] > 0
     for key in ("platform", "cpu_count", "torch", "detectron2", "torch_threads", "device"):
         assert key in report["machine"], key
     assert report["machine"]["torch_threads"] == 1 and report["settings"]["ims_per_batch"] == 8
+    # nothing big in the output dir: checkpoints and logs are in the work dir
+    assert not list(out.rglob("*.pth")) and not list(out.rglob("log.txt"))
+    assert all(p.stat().st_size < 100_000 for p in out.rglob("*") if p.is_file())
+
+
+def test_example_weighing_chooses_on_the_selection_split(smoke):
+    """The chosen weight is the first best of the grid on the selection split, whose images are
+    neither training nor test images, and its test AP is the one evaluated with it."""
+    cell = _cell(smoke, "d")
+    weighing = cell["example_weighing"]
+    grid = bench.MODES["smoke"].example_weights
+    assert set(weighing["selection_ap"]) == {f"{w:g}" for w in grid}
+    aps = [-1.0 if v is None else v for v in weighing["selection_ap"].values()]
+    assert weighing["chosen"] == grid[aps.index(max(aps))]
+    work = Path(cell["work_dir"])
+    assert (work / "inference" / "example_weighing").is_dir()
+    pixels = {
+        split: {
+            cv2.imread(d["file_name"]).tobytes()
+            for d in DatasetCatalog.get(f"regimes_digits_smoke_{split}")
+        }
+        for split in ("train", "val", "selection")
+    }
+    assert len(pixels["selection"]) == bench.MODES["smoke"].num_select
+    assert not pixels["selection"] & (pixels["train"] | pixels["val"])
 
 
 def _markdown_blocks(text):
-    """{regime letter: {row label: [9 cells as str]}} of results.md's table."""
+    """{regime key: {row label: [9 cells as str]}} of results.md's table."""
+    labels = {v: k for k, v in bench.REGIMES.items()}
     blocks, regime = {}, None
     for line in text.splitlines():
         if not line.startswith("| ") or line.startswith("| regime"):
             continue
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells[0].startswith("**("):
-            regime = cells[0][3]
+            regime = labels[cells[0].strip("*")]
             blocks[regime] = {}
         else:
             blocks[regime][cells[0]] = cells[1:]
@@ -101,39 +155,46 @@ def _markdown_blocks(text):
 
 def _text_blocks(text):
     """The same from the printed table."""
+    labels = {v: k for k, v in bench.REGIMES.items()}
     blocks, regime = {}, None
     for line in text.splitlines():
-        if re.match(r"^\([abcd]\) ", line):
-            regime = line[1]
+        if line in labels:
+            regime = labels[line]
             blocks[regime] = {}
-        elif regime and re.match(r"^(EMA|EN|EN - EMA|1/B\^2) ", line):
-            label = line[:12].strip()
-            blocks[regime][label] = line[12:].split()
+        elif regime and line[:17].strip() in ROWS:
+            blocks[regime][line[:17].strip()] = line[17:].split()
         elif regime and not line.strip():
             regime = None
     return blocks
 
 
 def test_table_matches_the_json(smoke):
-    """Both tables show every cell's EMA, EN, 1/B^2 and EN - EMA = their difference (2
-    decimals)."""
-    report, out, printed = smoke
-    cells = {(c["regime"], c["images_per_gpu"]): c["results"] for c in report["cells"]}
+    """Both tables show every cell's rows and EN - EMA = their difference (2 decimals)."""
+    _, out, printed, cells = smoke
+    results = {(c["regime"], c["images_per_gpu"]): c["results"] for c in cells.values()}
+    modes = {v: k for k, v in bench.ROW_LABELS.items()}
     for blocks in (_markdown_blocks((out / "results.md").read_text()), _text_blocks(printed)):
-        assert set(blocks) == set("abcd")
+        assert set(blocks) == set(bench.REGIMES)
         for regime, rows in blocks.items():
-            assert set(rows) == {"EMA", "EN", "EN - EMA", "1/B^2"}
+            assert set(rows) == ROWS
             for i, (n, metric) in enumerate((n, m) for n in IMAGES for m in bench.METRICS):
-                ema, en, rule = (
-                    cells[regime, n][mode][metric] for mode in ("ema", "en", "rule_of_thumb")
-                )
-                for label, value in (("EMA", ema), ("EN", en), ("1/B^2", rule)):
-                    assert rows[label][i] == ("-" if value is None else f"{value:.2f}")
+                for label, shown in rows.items():
+                    if label == "EN - EMA":
+                        continue
+                    value = results[regime, n][modes[label]][metric]
+                    assert shown[i] == ("-" if value is None else f"{value:.2f}"), label
+                ema, en = (results[regime, n][mode][metric] for mode in ("ema", "en"))
                 shown = rows["EN - EMA"][i]
                 if None in (ema, en):
                     assert shown == "-"
                 else:
                     assert abs(float(shown) - (en - ema)) <= 0.005 + 1e-9, (regime, n, metric)
+
+
+def _result(n, ema, en, seed=0, regime="d"):
+    results = {"ema": {"AP": ema, "AP50": 0.0, "AP75": 0.0}}
+    results["en"] = {"AP": en, "AP50": 0.0, "AP75": 0.0}
+    return {"regime": regime, "images_per_gpu": n, "seed": seed, "results": results}
 
 
 def test_gap_recovered_formula():
@@ -146,38 +207,53 @@ def test_gap_recovered_formula():
     assert bench.gap_recovered(10.0, 12.0, 9.0) is None
     assert bench.gap_recovered(None, 12.0, 14.0) is None
 
-    def cell(n, ema, en):
-        results = {"ema": {"AP": ema, "AP50": 0.0, "AP75": 0.0}}
-        results["en"] = {"AP": en, "AP50": 0.0, "AP75": 0.0}
-        return {"regime": "d", "images_per_gpu": n, "seed": 0, "results": results}
-
-    head = bench.headline(bench.mean_table([cell(2, 10.0, 13.0), cell(8, 14.0, 14.5)]))
+    head = bench.headline([_result(2, 10.0, 13.0), _result(8, 14.0, 14.5)])
     assert head["recovered"] == pytest.approx(0.75) and "75%" in head["text"]
     assert "78%" in head["text"]
-    head = bench.headline(bench.mean_table([cell(2, 14.0, 15.0), cell(8, 13.0, 13.0)]))
+    head = bench.headline([_result(2, 14.0, 15.0), _result(8, 13.0, 13.0)])
     assert head["recovered"] is None and "meaningless" in head["text"]
-    # two seeds: the means
-    cells = [cell(2, 10.0, 12.0), cell(2, 12.0, 14.0), cell(8, 15.0, 15.0), cell(8, 17.0, 17.0)]
+    # two seeds: the ratio of the means, and each seed's own
+    cells = [_result(2, 10.0, 12.0, 0), _result(2, 12.0, 14.0, 1)]
+    cells += [_result(8, 15.0, 15.0, 0), _result(8, 17.0, 17.0, 1), _result(2, 1.0, 9.0, 2)]
+    head = bench.headline(cells)  # seed 2 has no N = 8 cell: left out
+    assert head["recovered"] == pytest.approx(2.0 / 5.0)
+    assert head["per_seed"]["0"]["recovered"] == pytest.approx(0.4)
+    assert head["per_seed"]["1"]["recovered"] == pytest.approx(0.4) and "2" not in head["per_seed"]
+    assert "seed 0: 40%, seed 1: 40%" in head["text"]
+
+
+def test_mean_and_spread_over_seeds():
+    cells = [_result(2, 10.0, 12.0, 0), _result(2, 12.0, 13.0, 1), _result(8, 15.0, 15.0, 0)]
+    cells.append(_result(2, 3.0, 3.0, 0, regime="c_batch_stats"))
     table = bench.mean_table(cells)
-    assert table["d"][2]["en-ema"]["AP"] == pytest.approx(2.0)
-    assert bench.headline(table)["recovered"] == pytest.approx(2.0 / 5.0)
+    assert list(table) == ["c_batch_stats", "d"]  # the REGIMES order
+    ema = table["d"][2]["ema"]["AP"]
+    assert ema["mean"] == pytest.approx(11.0) and ema["n"] == 2
+    assert ema["std"] == pytest.approx(2**0.5)  # sample standard deviation
+    assert table["d"][2]["en-ema"]["AP"]["mean"] == pytest.approx(1.5)
+    assert table["d"][8]["ema"]["AP"] == {"mean": 15.0, "std": None, "n": 1}
+    text = bench.format_markdown(table, [2, 8])
+    assert "| EMA | 11.00±1.41 | 0.00±0.00 | 0.00±0.00 | 15.00 |" in text
+    assert "| EMA | 3.00 | 0.00 | 0.00 | . | . | . |" in text  # N = 8 not run
 
 
 def test_smoke_headline(smoke):
     report = smoke[0]
     head = report["headline"]
     table = report["table"]["d"]
-    assert head["ema_2"] == table["2"]["ema"]["AP"] and head["ema_8"] == table["8"]["ema"]["AP"]
+    assert head["ema_2"] == table["2"]["ema"]["AP"]["mean"]
+    assert head["ema_8"] == table["8"]["ema"]["AP"]["mean"]
     assert head["recovered"] == bench.gap_recovered(head["ema_2"], head["en_2"], head["ema_8"])
+    assert set(head["per_seed"]) == {"0"}
     assert head["text"] in smoke[2] and head["text"] in (smoke[1] / "results.md").read_text()
 
 
-def _loaded_model(report, regime, n=2):
+def _loaded_model(smoke, regime, n=2):
     """The cell's model as its Trainer loaded it, before training."""
-    cell = next(c for c in report["cells"] if c["regime"] == regime and c["images_per_gpu"] == n)
+    cell = _cell(smoke, regime, n)
     cfg = setup_cfg(
-        str(Path(cell["output_dir"]) / "config.yaml"),
-        ["DATASETS.TEST", "()", "OUTPUT_DIR", str(Path(cell["output_dir"]) / "reload")],
+        str(Path(cell["work_dir"]) / "config.yaml"),
+        ["DATASETS.TEST", "()", "OUTPUT_DIR", str(Path(cell["work_dir"]) / "reload")],
         world_size=1,
     )
     trainer = Trainer(cfg)
@@ -220,13 +296,17 @@ def _norms(model):
 
 def test_standin_went_through_the_conversion_tool(smoke):
     """Regime (d): every conv and BN tensor of the stand-in's torchvision state dict is in the
-    detector, loaded from the tool's output; EN layers with microbatches of N."""
+    detector, loaded from the tool's output; EN layers with microbatches of N. The stand-in saw
+    whole scenes of the detector's size."""
     report = smoke[0]
+    assert report["standin"]["input_size"] == report["settings"]["standin_crop"] == 16
+    assert "native scale" in report["standin"]["task"]
     checkpoint = torch.load(report["standin"]["detectron2_checkpoint"], weights_only=True)
     assert checkpoint["__author__"] == "torchvision"  # written by the tool
     assert "stem 16 channels, bottleneck widths 8/16/32/64" in report["standin"]["conversion"]
     standin = _standin(report)
-    model, _ = _loaded_model(report, "d")
+    assert standin["fc.weight"].shape == (10, 256)
+    model, _ = _loaded_model(smoke, "d")
     pairs = _pairs(model)
     assert len(pairs) == 53
     for name, conv in pairs:
@@ -242,7 +322,7 @@ def test_standin_went_through_the_conversion_tool(smoke):
     assert head and all(m.norm_batch_size == 2 * rois for m in head)
     assert model.roi_heads.microbatch_images == 2
 
-    scratch, _ = _loaded_model(report, "a")
+    scratch, _ = _loaded_model(smoke, "a")
     assert not torch.equal(scratch.backbone.stem.conv1.weight, standin["conv1.weight"])
     assert all(torch.all(m.running_var == 1) for m in _norms(scratch))
 
@@ -250,7 +330,7 @@ def test_standin_went_through_the_conversion_tool(smoke):
 def test_regime_b_resets_the_norms(smoke):
     report = smoke[0]
     standin = _standin(report)
-    model, _ = _loaded_model(report, "b")
+    model, _ = _loaded_model(smoke, "b")
     assert torch.equal(model.backbone.stem.conv1.weight, standin["conv1.weight"])
     assert torch.equal(model.roi_heads.res5[2].conv3.weight, standin["layer4.2.conv3.weight"])
     norms = _norms(model)
@@ -260,17 +340,19 @@ def test_regime_b_resets_the_norms(smoke):
         assert torch.all(m.running_mean == 0) and torch.all(m.running_var == 1)
 
 
-def test_regime_c_keeps_the_standin_norms_frozen(smoke):
-    """FrozenEN everywhere, no norm parameter trains; after training, the final checkpoint still
-    holds the stand-in's statistics and affine, while the convolutions moved. In (d) the
-    statistics were fine-tuned."""
+@pytest.mark.parametrize("regime", list(bench.FROZEN_EN))
+def test_regime_c_keeps_the_standin_norms_frozen(smoke, regime):
+    """FrozenEN everywhere in the regime's reading, no norm parameter trains; after training,
+    the final checkpoint still holds the stand-in's statistics and affine, while the
+    convolutions moved. In (d) the statistics were fine-tuned."""
     report = smoke[0]
     standin = _standin(report)
-    model, cell = _loaded_model(report, "c")
+    model, cell = _loaded_model(smoke, regime)
     norms = _norms(model)
     assert len(norms) == 53 and all(isinstance(m, EvalNorm2d) and m.frozen for m in norms)
+    assert {m.frozen_en for m in norms} == {bench.FROZEN_EN[regime]}
     assert not any(p.requires_grad for m in norms for p in (m.weight, m.bias))
-    final = torch.load(Path(cell["output_dir"]) / "model_final.pth", weights_only=False)["model"]
+    final = torch.load(Path(cell["work_dir"]) / "model_final.pth", weights_only=False)["model"]
     d2 = {"conv1": "backbone.stem.conv1", "layer1.0.conv2": "backbone.res2.0.conv2"}
     d2["layer4.1.conv1"] = "roi_heads.res5.1.conv1"
     for tv, name in d2.items():
@@ -279,18 +361,77 @@ def test_regime_c_keeps_the_standin_norms_frozen(smoke):
             assert torch.equal(final[f"{name}.norm.{attr}"], standin[f"{bn}.{attr}"]), (tv, attr)
         assert not torch.equal(final[f"{name}.weight"], standin[f"{tv}.weight"]), tv
 
-    tuned = next(c for c in report["cells"] if c["regime"] == "d" and c["images_per_gpu"] == 2)
-    final = torch.load(Path(tuned["output_dir"]) / "model_final.pth", weights_only=False)["model"]
+    tuned = _cell(smoke, "d")
+    final = torch.load(Path(tuned["work_dir"]) / "model_final.pth", weights_only=False)["model"]
     stats = final["backbone.stem.conv1.norm.running_mean"]
     assert not torch.equal(stats, standin["bn1.running_mean"])
 
 
-def test_refuses_to_overwrite(smoke, tmp_path):
-    _, out, _ = smoke
-    before = (out / "results.json").read_bytes()
-    with pytest.raises(FileExistsError, match="results.json exists: pass --overwrite"):
-        bench.main(["--mode", "smoke", "--output-dir", str(out)])
-    assert (out / "results.json").read_bytes() == before
+def test_resumes_and_refuses_other_settings(smoke, tmp_path):
+    """A rerun with the same settings skips every finished cell (their files untouched); other
+    settings are refused naming what differs, before anything is written; --overwrite
+    discards the earlier cells. Bad selections are refused."""
+    _, out, _, cells = smoke
+    tmp = out.parent
+    before = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    report, printed = _run(tmp)
+    assert printed.count("done earlier, skipped") == len(cells)
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == before
+    assert sorted(report["cells"]) == sorted(cells)
+    settings = (out / "settings.json").read_bytes()
+    with pytest.raises(FileExistsError, match="differing: iters.*pass --overwrite"):
+        _run(tmp, "--iters", "3")
+    assert (out / "settings.json").read_bytes() == settings
     with pytest.raises(SystemExit, match="divide 8"):
         bench.main(["--mode", "smoke", "--output-dir", str(tmp_path), "--images-per-gpu", "3"])
+    with pytest.raises(SystemExit, match="no cell"):
+        bench.main(["--mode", "quick", "--output-dir", str(tmp_path), "--images-per-gpu", "4"])
     assert not (tmp_path / "results.json").exists()
+
+    # --overwrite: a new run of one cell, the others discarded
+    report, printed = _run(tmp, "--iters", "1", "--regimes", "a", "--overwrite")
+    names = sorted(p.stem for p in (out / "cells").glob("*.json"))
+    assert names == ["a_2img_seed0", "a_8img_seed0"]
+    assert "skipped" not in printed and report["settings"]["iters"] == 1
+
+
+def test_cell_order_and_modes():
+    """The full mode runs the cells that matter first; quick is a subset of full's settings
+    but for iterations, data and stand-in; every cell's name is unique."""
+    full = bench.MODES["full"].cells
+    assert full[:2] == (("d", 2, 0), ("d", 8, 0))
+    assert {c[0] for c in full[2:8]} == set(bench.FROZEN_EN) and full[8:10] == (
+        ("a", 2, 0),
+        ("a", 8, 0),
+    )
+    assert len(full) == len(set(full)) == 24
+    assert {(r, n) for r, n, s in full if s == 0} >= {(r, n) for r in "abcd" for n in (2, 4, 8)}
+    assert {s for r, _, s in full if r == "d"} == {0, 1, 2}
+    assert {(n, s) for r, n, s in full if r == "c"} >= {(2, 1), (8, 1)}
+    assert set(bench.MODES["quick"].cells) < set(full)
+    assert bench.MODES["full"].image_size == bench.MODES["quick"].image_size == 128
+    assert bench.MODES["quick"].iters * bench.IMS_PER_BATCH >= 1600 * 2  # the demo's images
+
+
+def test_standin_inputs_at_native_scale(tmp_path):
+    """Crops are windows of the rendered scene itself (no resizing) holding the digit's box;
+    the whole-scene task trains on multi-hot labels of the digits present."""
+    with _datasets(tmp_path):
+        scenes, labels = bench.render_scenes("train", 3, 64, seed=5)
+        crops, classes = bench.render_crops("train", 3, 64, 32, seed=5)
+    assert scenes.shape == (3, 64, 64, 3) and labels.shape == (3, 10)
+    assert set(labels.sum(1).tolist()) <= {1.0, 2.0, 3.0}
+    assert crops.shape[1:] == (32, 32, 3) and len(crops) == len(classes) == labels.sum()
+    for crop in crops[:3]:  # each window is found verbatim in one of the scenes
+        found = any(
+            (scene[y : y + 32, x : x + 32] == crop).all()
+            for scene in scenes
+            for y in range(33)
+            for x in range(33)
+        )
+        assert found
+    s = dataclasses.replace(bench.MODES["smoke"], standin_task="scenes")
+    summary = bench.train_standin(s, 0, tmp_path / "scenes.pth")
+    assert "multi-label" in summary["task"] and summary["input_size"] == s.image_size
+    with pytest.raises(ValueError, match="standin_crop=64"):
+        bench.train_standin(dataclasses.replace(s, standin_task="crops", standin_crop=64), 0, None)

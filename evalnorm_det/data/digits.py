@@ -257,6 +257,36 @@ def generate_digits(
     return final
 
 
+def generate_extra_split(
+    dataset_dir: str, digit_split: str, num_images: int, image_size: int, seed: int
+) -> tuple[str, str]:
+    """Writes ``num_images`` images of the digit samples of ``digit_split`` ("train" or "val"),
+    from ``default_rng(seed)``, to ``<dataset_dir>/images`` with COCO annotations in
+    ``<dataset_dir>/annotations.json`` (e.g. a validation split of images in neither the train
+    nor the val split, with a seed of its own); nothing is written when its ``info.json``
+    records these arguments. Returns (json_file, image_root)."""
+    info = {
+        "version": VERSION,
+        "digit_split": digit_split,
+        "num_images": num_images,
+        "image_size": image_size,
+        "seed": seed,
+    }
+    json_file = os.path.join(dataset_dir, "annotations.json")
+    image_root = os.path.join(dataset_dir, "images")
+    if _read_info(dataset_dir) == info:
+        return json_file, image_root
+    shutil.rmtree(dataset_dir, ignore_errors=True)
+    categories = [
+        {"id": d + 1, "name": name, "supercategory": "digit"} for d, name in enumerate(CLASSES)
+    ]
+    renders = render_split(digit_split, num_images, image_size, seed)
+    _write_json(json_file, *_write_split(renders, image_root, "{:06d}.png", 1), categories)
+    with open(os.path.join(dataset_dir, "info.json"), "w") as f:  # last: marks it complete
+        json.dump(info, f)
+    return json_file, image_root
+
+
 def _load_digits_split(name: str, split: str, kwargs: dict) -> list[dict]:
     json_file, image_root = split_paths(generate_digits(**kwargs), split)
     if MetadataCatalog.get(name).get("json_file") != json_file:

@@ -7,17 +7,18 @@ import math
 
 import torch
 from detectron2.utils.events import EventStorage
-from fvcore.nn.precise_bn import update_bn_stats
 from torch import nn
 
 from ..layers import EvalNorm2d
-from ..modes import TEST_MODES, evalnorm_mode
+from ..modes import TEST_MODES, evalnorm_mode, keep_running_stats
 
 __all__ = [
     "METRICS",
     "evaluate_modes",
     "evaluation_mode",
+    "fixed_coefficients",
     "format_table",
+    "precise_statistics",
     "table_rows",
     "write_tables",
 ]
@@ -26,7 +27,23 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("AP", "AP50", "AP75")
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
-NEEDS_EVALNORM = ("en", "en_offline", "rule_of_thumb", "simple", "head_batch_stats")
+# The EvalNorm2d mode each test mode evaluates in, where it is not the test mode's own name.
+LAYER_MODES = {
+    "en_offline": "en",
+    "precise_bn": "ema",
+    "head_batch_stats": "ema",
+    "prediction_time_bn": "en",
+    "precise_bn_en_offline": "en",
+}
+NEEDS_EVALNORM = (
+    "en",
+    "en_offline",
+    "rule_of_thumb",
+    "simple",
+    "head_batch_stats",
+    "prediction_time_bn",
+    "precise_bn_en_offline",
+)
 
 
 @contextlib.contextmanager
@@ -36,10 +53,14 @@ def evaluation_mode(model, mode, train_batches=None, estimate_offline=None, prec
 
     - "ema", "en", "rule_of_thumb", "simple": every EvalNorm2d in that mode (``evalnorm_mode``).
     - "en_offline": alpha/beta fitted now by ``estimate_offline(model, train_batches())``, then "en".
-    - "precise_bn": detectron2's PreciseBN: the running statistics of every BatchNorm recomputed
-      as population statistics over ``precise_bn_iters`` batches of ``train_batches()``, then "ema".
+    - "precise_bn": detectron2's PreciseBN: the running statistics of every norm that trains on
+      batch statistics recomputed as population statistics over ``precise_bn_iters`` batches of
+      ``train_batches()`` (``precise_statistics``), then "ema".
     - "head_batch_stats": "ema" in the backbone, and the ROI heads' norms on the statistics of the
       batch of ROIs they evaluate ("Rethinking Batch in BatchNorm", Wu and Johnson, 2021).
+    - "prediction_time_bn": alpha = beta = 1 in every EvalNorm2d (``fixed_coefficients``).
+    - "precise_bn_en_offline": as "precise_bn", then alpha/beta fitted offline as "en_offline"
+      on fresh batches of ``train_batches()``, then "en".
 
     ``train_batches``: a callable returning an iterator of training batches, B images per process.
     """
@@ -49,16 +70,16 @@ def evaluation_mode(model, mode, train_batches=None, estimate_offline=None, prec
     if mode in NEEDS_EVALNORM and not has_evalnorm:
         raise ValueError(f"Test mode {mode!r} needs EvalNorm2d layers; the model has none")
     with contextlib.ExitStack() as stack:
-        if mode == "en_offline":
+        if mode in ("precise_bn", "precise_bn_en_offline"):
+            stack.enter_context(_restored(model, STATISTICS))
+            with EventStorage():
+                precise_statistics(model, train_batches(), precise_bn_iters)
+        if mode in ("en_offline", "precise_bn_en_offline"):
             stack.enter_context(_restored(model, ("alpha_logit", "beta_logit")))
             estimate_offline(model, train_batches())
-        elif mode == "precise_bn":
-            stack.enter_context(_restored(model, STATISTICS))
-            with EventStorage(), _training(model):
-                update_bn_stats(model, train_batches(), precise_bn_iters)
-        layer_mode = {"en_offline": "en", "precise_bn": "ema", "head_batch_stats": "ema"}.get(
-            mode, mode
-        )
+        elif mode == "prediction_time_bn":
+            stack.enter_context(fixed_coefficients(model, 1.0))
+        layer_mode = LAYER_MODES.get(mode, mode)
         if has_evalnorm:
             stack.enter_context(evalnorm_mode(model, layer_mode))
         if mode == "head_batch_stats":
@@ -66,6 +87,78 @@ def evaluation_mode(model, mode, train_batches=None, estimate_offline=None, prec
                 if name.split(".")[-1] == "roi_heads":
                     stack.enter_context(evalnorm_mode(head, "batch"))
         yield model
+
+
+@contextlib.contextmanager
+def fixed_coefficients(model, value):
+    """Within the block, every EvalNorm2d of ``model`` has alpha = beta = ``value`` (in [0, 1])
+    and evaluates in mode "en": one weight of the sample's own moments for the whole network
+    (1: prediction-time BN; a constant chosen on validation data: Summers and Dinneen's inference
+    example weighing). Coefficients and modes are restored on exit."""
+    layers = [m for m in model.modules() if isinstance(m, EvalNorm2d)]
+    if not layers:
+        raise ValueError("The model has no EvalNorm2d layer: convert_to_evalnorm(model, B) first")
+    with _restored(model, ("alpha_logit", "beta_logit")), evalnorm_mode(model, "en"):
+        for m in layers:
+            m.set_coefficients(value)  # 1 -> logit +inf, sigmoid(+inf) = 1 exactly
+        yield model
+
+
+@torch.no_grad()
+def precise_statistics(model, batches, num_iter):
+    """detectron2's PreciseBN, correct for microbatch layers: the running statistics of every
+    BatchNorm-type layer that normalizes with batch statistics in training (not frozen, or
+    frozen with ``frozen_en`` "batch_stats") become the plain average, over every normalization
+    group of ``num_iter`` batches (each group of ``norm_batch_size`` samples of a microbatch
+    EvalNorm2d, else the whole batch), of the group's mean and unbiased variance, as
+    ``momentum=None`` in BatchNorm2d. (fvcore's ``update_bn_stats`` keeps one value per forward:
+    the last group's.) The model runs in training mode with its running statistics untouched
+    in between and online estimation off; needs an ``EventStorage`` for detectron2 models.
+    In place (``evaluation_mode`` restores them); returns the number of layers updated."""
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and (not getattr(m, "frozen", False) or m.frozen_en == "batch_stats")
+    ]
+    sums = {m: [0.0, 0.0, 0] for m in layers}  # sum of means, sum of variances, groups
+
+    def record(m, inputs):
+        x = inputs[0]
+        n = x.shape[0]
+        if n == 0:
+            return
+        size = m._group_size(n) if isinstance(m, EvalNorm2d) else None
+        groups = x.detach().float().unflatten(0, (-1, size or n)).transpose(1, 2).flatten(2)
+        sums[m][0] = sums[m][0] + groups.mean(2).sum(0)  # (k, C, size * H * W)
+        sums[m][1] = sums[m][1] + groups.var(2, unbiased=True).sum(0)
+        sums[m][2] += groups.shape[0]
+
+    handles = [m.register_forward_pre_hook(record) for m in layers]
+    online = [(m, m.estimate_online) for m in model.modules() if isinstance(m, EvalNorm2d)]
+    try:
+        with _training(model), keep_running_stats(model):
+            for m, _ in online:
+                m.estimate_online = False
+            done = 0
+            for inputs in batches:
+                if done == num_iter:
+                    break
+                model(inputs)
+                done += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in online:
+            m.estimate_online = flag
+    if done < num_iter:
+        raise ValueError(f"precise_statistics: {num_iter} batches needed, the data gave {done}")
+    for m, (mean, var, count) in sums.items():
+        if count:
+            m.running_mean.copy_(mean / count)
+            m.running_var.copy_(var / count)
+    return sum(1 for _, _, count in sums.values() if count)
 
 
 def evaluate_modes(model, modes, evaluate, **kwargs):

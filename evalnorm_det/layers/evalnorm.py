@@ -9,7 +9,7 @@ from torch import nn
 
 from . import functional as EF
 
-__all__ = ["EVAL_MODES", "EvalNorm2d", "coefficient_value"]
+__all__ = ["EVAL_MODES", "FROZEN_EN_CHOICES", "EvalNorm2d", "coefficient_value"]
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +21,17 @@ logger = logging.getLogger(__name__)
 #   "batch"          the statistics of the evaluated batch itself, as in training (without
 #                    updating the EMA): "batch statistics at inference" (Wu and Johnson, 2021)
 EVAL_MODES = ("en", "ema", "rule_of_thumb", "simple", "batch")
+
+# How a frozen EvalNorm2d (FrozenEN, regime (c)) trains; in all three the running statistics,
+# ``weight`` and ``bias`` never change:
+#   "batch_target"   normalizes with the running statistics; alpha/beta are estimated against
+#                    the batch-normalized target (x - mu_B) / sqrt(var_B + eps)
+#   "frozen_target"  normalizes with the running statistics; alpha/beta are estimated against
+#                    that frozen normalization (x - mu_E) / sqrt(var_E + eps), what training
+#                    produced, for which alpha = beta = 0 (EMA) is optimal
+#   "batch_stats"    normalizes with batch statistics, as BatchNorm2d in training (groups of
+#                    norm_batch_size with microbatch); alpha/beta estimated as in "batch_target"
+FROZEN_EN_CHOICES = ("batch_target", "frozen_target", "batch_stats")
 
 _missing_coefficients_logged = False
 
@@ -69,9 +80,11 @@ class EvalNorm2d(nn.BatchNorm2d):
             samples with its own statistics and update the EMA from each group in turn, as
             ``BatchNorm2d`` run on each group would (the paper's section 4.1 setup; also one
             device reproducing k devices x B samples).
-        frozen (bool): regime (c): training normalizes with the running statistics, which are
-            never updated, and ``weight``/``bias`` do not train (like detectron2's
-            ``FrozenBatchNorm2d``). alpha/beta can still be estimated online.
+        frozen (bool): regime (c): the running statistics are never updated and ``weight``/
+            ``bias`` do not train (like detectron2's ``FrozenBatchNorm2d``); ``frozen_en`` says
+            what training normalizes with. alpha/beta can still be estimated online.
+        frozen_en (str): one of ``FROZEN_EN_CHOICES`` (default "batch_target": training
+            normalizes with the running statistics); used only when ``frozen``.
         init: initial alpha = beta: a number in [0, 1], "rule_of_thumb" (1/B^2), "simple"
             (1/B) or "ema" (0). Default: the rule of thumb when ``norm_batch_size`` is known,
             else 0 (evaluation then equals ``BatchNorm2d``'s until coefficients are set).
@@ -96,6 +109,7 @@ class EvalNorm2d(nn.BatchNorm2d):
         norm_batch_size=None,
         microbatch=False,
         frozen=False,
+        frozen_en="batch_target",
         init=None,
         device=None,
         dtype=None,
@@ -116,6 +130,7 @@ class EvalNorm2d(nn.BatchNorm2d):
         self.norm_batch_size = norm_batch_size
         self.microbatch = bool(microbatch)
         self.frozen = bool(frozen)
+        self.frozen_en = frozen_en
         if self.frozen:
             self.weight.requires_grad_(False)
             self.bias.requires_grad_(False)
@@ -133,6 +148,17 @@ class EvalNorm2d(nn.BatchNorm2d):
         self.aux_max_positions = None
         self._aux_grad = None  # summed d(aux loss)/d(alpha_logit, beta_logit) since the last take
         self.last_aux_loss = None  # detached 0-d tensor from the latest estimating forward
+
+    @property
+    def frozen_en(self):
+        """How a frozen layer trains: one of ``FROZEN_EN_CHOICES``."""
+        return self._frozen_en
+
+    @frozen_en.setter
+    def frozen_en(self, value):
+        if value not in FROZEN_EN_CHOICES:
+            raise ValueError(f"frozen_en must be one of {FROZEN_EN_CHOICES}, got {value!r}")
+        self._frozen_en = value
 
     @property
     def alpha(self):
@@ -160,7 +186,7 @@ class EvalNorm2d(nn.BatchNorm2d):
         if self.microbatch:
             s += ", microbatch=True"
         if self.frozen:
-            s += ", frozen=True"
+            s += f", frozen=True, frozen_en={self.frozen_en!r}"
         return s
 
     def forward(self, x):
@@ -175,7 +201,12 @@ class EvalNorm2d(nn.BatchNorm2d):
         if estimate:
             # The EMA that evaluation would use for these samples: before they update it.
             mu_e, var_e = self.running_mean.detach().clone(), self.running_var.detach().clone()
-        if self.frozen:
+        if self.frozen and self.frozen_en == "batch_stats":
+            if group_size is not None:
+                y = self._microbatch_forward(x, group_size, update=False)
+            else:
+                y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        elif self.frozen:
             y = F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
@@ -197,7 +228,7 @@ class EvalNorm2d(nn.BatchNorm2d):
             )
         return self.norm_batch_size
 
-    def _microbatch_forward(self, x, group_size):
+    def _microbatch_forward(self, x, group_size, update=True):
         # Groups become channels: (k*B, C, H, W) -> (B, k*C, H, W), so one batch_norm call
         # normalizes every group with its own statistics. Momentum 1 makes it return each
         # group's mean and unbiased variance in the scratch buffers.
@@ -211,7 +242,7 @@ class EvalNorm2d(nn.BatchNorm2d):
             xg, means, variances, self.weight.repeat(k), self.bias.repeat(k), True, 1.0, self.eps
         )
         y = y.view(group_size, k, c, h, w).transpose(0, 1).reshape(n, c, h, w)
-        if not self.track_running_stats:  # as BatchNorm2d: batch statistics, EMA untouched
+        if not (update and self.track_running_stats):  # batch statistics, EMA untouched
             return y
         with torch.no_grad():
             for mean, var in zip(means.view(k, c), variances.view(k, c)):
@@ -258,7 +289,10 @@ class EvalNorm2d(nn.BatchNorm2d):
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             xd = x.detach().to(dtype)
             mu_i, var_i = EF.sample_statistics(xd)
-            mu_b, var_b = EF.normalization_batch_statistics(mu_i, var_i, group_size)
+            if self.frozen and self.frozen_en == "frozen_target":  # what training produced
+                mu_b, var_b = mu_e.to(dtype).expand_as(mu_i), var_e.to(dtype).expand_as(var_i)
+            else:
+                mu_b, var_b = EF.normalization_batch_statistics(mu_i, var_i, group_size)
             alpha_logit = self.alpha_logit.detach().to(dtype).requires_grad_()
             beta_logit = self.beta_logit.detach().to(dtype).requires_grad_()
             loss = EF.auxiliary_loss(

@@ -28,10 +28,13 @@ def norm_factory(cfg, norm, norm_batch_size, microbatch=False):
 
 
 def _configure(cfg, layer):
-    """Initial alpha/beta (``MODEL.EVALNORM.INIT``) and evaluation mode of a new layer."""
+    """Initial alpha/beta (``MODEL.EVALNORM.INIT``), evaluation mode and, if frozen, how it
+    trains (``MODEL.EVALNORM.FROZEN_EN``) of a new layer."""
     en = cfg.MODEL.EVALNORM
     layer.set_coefficients(*((en.INIT_ALPHA, en.INIT_BETA) if en.INIT == "value" else (en.INIT,)))
     layer.mode = en.EVAL_MODE
+    if layer.frozen:
+        layer.frozen_en = en.FROZEN_EN
     return layer
 
 
@@ -64,13 +67,16 @@ def convert_norms(cfg, model):
 
 def freeze_norms(module):
     """detectron2's ``CNNBlockBase.freeze`` that keeps EvalNorm: every parameter stops
-    training, EvalNorm2d layers become frozen EvalNorm2d (FrozenEN, alpha/beta kept) and the
+    training, EvalNorm2d layers become frozen EvalNorm2d (FrozenEN, alpha/beta kept; normalized with
+    their running statistics: "batch_stats" becomes "batch_target") and the
     other BatchNorm layers ``FrozenBatchNorm2d``. In place; returns ``module``."""
     for p in module.parameters():
         p.requires_grad_(False)
     for m in module.modules():
         if isinstance(m, EvalNorm2d):
             m.frozen = True
+            if m.frozen_en == "batch_stats":  # a frozen stage normalizes as FrozenBN
+                m.frozen_en = "batch_target"
     return _replace_modules(
         module,
         lambda m: (
