@@ -80,7 +80,7 @@ EVALUATIONS = {
 PAPER_RECOVERED = (70.98 - 64.80) / (75.98 - 64.80)
 PLOTS = ("error_vs_B.png", "alpha_vs_B.png", "curve.png")
 # Settings that do not change what a cell measures: a resumed run may differ in these.
-NOT_MEASURED = ("mode", "output_dir", "overwrite", "threads")
+NOT_MEASURED = ("mode", "output_dir", "overwrite", "threads", "report_only")
 
 PRESETS = {
     "smoke": {
@@ -422,6 +422,7 @@ def gap_report(errors, small):
         "ema_error": mean_small,
         "ema_error_best_B": mean_best,
         "gap": mean_small - mean_best,
+        "errors": {},  # at B = small, mean over ``seeds``
         "recovered": {},
         "per_seed": {},
         "interval": {},
@@ -431,9 +432,8 @@ def gap_report(errors, small):
         if key == "ema":
             continue
         x = by_seed(small, key)
-        report["recovered"][key] = gap_recovered(
-            mean_small, float(np.mean([x[s] for s in seeds])), mean_best
-        )
+        report["errors"][key] = float(np.mean([x[s] for s in seeds]))
+        report["recovered"][key] = gap_recovered(mean_small, report["errors"][key], mean_best)
         per_seed = [gap_recovered(ema_small[s], x[s], ema_best[s]) for s in seeds]
         report["per_seed"][key] = per_seed
         if seeds and all(v is not None for v in per_seed):
@@ -531,7 +531,7 @@ def tables(results):
                     [
                         [
                             EVALUATIONS[k],
-                            f"{errors[gap['B']][k]['mean']:.2f}",
+                            f"{gap['errors'][k]:.2f}",
                             percent(v),
                             ", ".join(map(percent, gap["per_seed"][k])),
                             _interval_text(gap["interval"].get(k)),
@@ -820,6 +820,11 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--output-dir", help="default output/benchmarks/microbatch/<mode>")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite results.json, results.md and the plots from the cells done; train nothing",
+    )
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.mode].items():
         if getattr(args, key) is None:
@@ -836,6 +841,8 @@ def parse_args(argv=None):
                 f"--{key}-digits x --{key}-copies = {images} must be a multiple of "
                 f"--sgd-batch-size {args.sgd_batch_size} (test groups of every B)"
             )
+    if args.report_only and args.overwrite:
+        parser.error("--report-only reads the cells that --overwrite would delete: pass one")
     if not set(args.check_batch_sizes) <= set(args.batch_sizes):
         parser.error("--check-batch-sizes must be among --batch-sizes")
     return args
@@ -862,6 +869,8 @@ def _run(args, output_dir, cells_dir):
         path = cells_dir / cell_name(seed, b, steps)
         if path.exists():
             cells.append(json.loads(path.read_text()))
+            continue
+        if args.report_only:
             continue
         if seed not in data:
             data[seed] = make_data(seed, args)

@@ -324,6 +324,15 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert results["cells_done"] == 2
 
 
+def test_report_only_rewrites_the_results_from_the_cells(smoke, monkeypatch):
+    _, results, output_dir = smoke
+    (output_dir / "results.md").unlink()
+    monkeypatch.setattr(microbatch, "run_cell", lambda *a, **k: pytest.fail("trained a cell"))
+    _, again = run_smoke(output_dir, "--report-only")
+    assert again["summary"] == results["summary"] and again["gap"] == results["gap"]
+    assert (output_dir / "results.md").stat().st_size > 0
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         microbatch.parse_args(["--batch-sizes", "3", "128"])
@@ -331,3 +340,5 @@ def test_bad_arguments_are_refused():
         microbatch.parse_args(["--mode", "smoke", "--test-copies", "3"])  # 64 x 3: not x128
     with pytest.raises(SystemExit):
         microbatch.parse_args(["--mode", "smoke", "--check-batch-sizes", "64"])
+    with pytest.raises(SystemExit):
+        microbatch.parse_args(["--report-only", "--overwrite"])

@@ -7,7 +7,7 @@
 
 A --config that is not a file is looked up in the project's configs/. --eval-only evaluates
 the weights in every mode of TEST.EVALNORM_MODES ("['all']" for every row: EMA, EN, EN offline,
-1/B^2, 1/B, PreciseBN, head batch stats); a BN or FrozenBN model is converted to EvalNorm first.
+1/B^2, 1/B, PreciseBN, head batch stats, prediction-time BN, PreciseBN + EN offline); a BN or FrozenBN model is converted to EvalNorm first.
 """
 
 from evalnorm_det import EvalNormCheckpointer, Trainer
