@@ -17,11 +17,12 @@ import os
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.layers import FrozenBatchNorm2d
-from helpers import load_script
+from helpers import load_script, reference_evalnorm
 from torch import nn
 
 from evalnorm_det import EvalNorm2d, Trainer
@@ -435,3 +436,50 @@ def test_standin_inputs_at_native_scale(tmp_path):
     assert "multi-label" in summary["task"] and summary["input_size"] == s.image_size
     with pytest.raises(ValueError, match="standin_crop=64"):
         bench.train_standin(dataclasses.replace(s, standin_task="crops", standin_crop=64), 0, None)
+
+
+layer_gaps = load_script(ROOT / "benchmarks" / "layer_gaps.py")
+
+
+def test_normalization_gaps_against_float64():
+    """The per-layer gap is mean |EN - EMA normalization| of the layer's input, before the
+    affine, with the network on EMA statistics (float64 reference on a two-layer model)."""
+    torch.manual_seed(0)
+    first, second = EvalNorm2d(3, norm_batch_size=2), EvalNorm2d(4, norm_batch_size=2)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    model = nn.Sequential(first, conv, second).double()
+    for m, (a, b) in ((first, (0.3, 0.6)), (second, (0.0, 0.0))):
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+        m.weight.data.uniform_(0.5, 2)  # the gap is before the affine: these must not matter
+        m.bias.data.uniform_(-1, 1)
+        m.set_coefficients(a, b)
+    batches = [3 * torch.randn(2, 3, 6, 6, dtype=torch.float64) + 1 for _ in range(2)]
+    gaps = layer_gaps.normalization_gaps(model, batches)
+    assert list(gaps) == ["0", "2"]
+    x = torch.cat(batches).numpy()
+    rm, rv = first.running_mean.numpy(), first.running_var.numpy()
+    ones, zeros = np.ones(3), np.zeros(3)
+    en = reference_evalnorm(x, rm, rv, ones, zeros, 0.3, 0.6, first.eps)
+    ema = (x - rm[:, None, None]) / np.sqrt(rv[:, None, None] + first.eps)
+    assert gaps["0"]["gap"] == pytest.approx(np.abs(en - ema).mean(), rel=1e-5)
+    assert gaps["0"]["alpha"] == pytest.approx(0.3) and gaps["0"]["beta"] == pytest.approx(0.6)
+    assert gaps["2"]["gap"] == pytest.approx(0.0, abs=1e-6)  # alpha = beta = 0: EN is EMA
+    assert first.mode == "en" and model.training  # left as it was
+
+
+def test_layer_gaps_of_a_smoke_cell(smoke, tmp_path):
+    _, out, _, _ = smoke
+    cell = out.parent / "work" / "cells" / bench.cell_name("c", 2, 0)  # _run's --work-dir
+    with _datasets(out.parent / "datasets"):
+        gaps = layer_gaps.main(
+            [str(cell), "--mode", "smoke", "--images", "2", "--output-dir", str(tmp_path)]
+        )
+    layers = gaps[cell.name]
+    assert len(layers) > 10 and all(
+        v["gap"] >= 0 and math.isfinite(v["gap"]) for v in layers.values()
+    )
+    assert json.loads((tmp_path / f"{cell.name}.json").read_text()) == layers
+    assert (tmp_path / "layer_gaps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        layer_gaps.main([str(tmp_path), "--output-dir", str(tmp_path)])  # no model_final.pth
