@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["machine", "prepare_output_dir", "write_results"]
+__all__ = ["machine", "prepare_output_dir", "resumable_output_dir", "write_results"]
 
 RESULTS = ("results.json", "results.md")
 
@@ -61,6 +61,45 @@ def prepare_output_dir(path, overwrite, outputs=RESULTS):
     for target in existing:
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     path.mkdir(parents=True, exist_ok=True)
+
+
+def resumable_output_dir(path, settings, overwrite, outputs):
+    """Create ``path`` for a benchmark that resumes: what it measures depends on ``settings``
+    (a JSON-able dict), stored in ``path``/settings.json. A folder holding other settings is
+    refused before anything is measured (FileExistsError naming the keys that differ) unless
+    ``overwrite``, which first removes ``outputs`` (file or folder names in ``path``); with the
+    same settings, everything there is kept for the run to resume from."""
+    path = Path(path)
+    settings = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
+    stored = path / "settings.json"
+    if stored.exists() and not overwrite:
+        earlier = json.loads(stored.read_text())
+        if earlier != settings:
+            differing = ", ".join(_differing(earlier, settings))
+            raise FileExistsError(
+                f"{path} holds results of other settings (differing: {differing}): pass "
+                "--overwrite to discard them, or choose another --output-dir"
+            )
+    if overwrite:
+        for target in (path / name for name in (*outputs, "settings.json")):
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    stored.write_text(json.dumps(settings, indent=1))
+    return path
+
+
+def _differing(a, b, prefix=""):
+    """The keys (dotted for nested dicts) whose values differ between dicts ``a`` and ``b``."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys += _differing(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.append(prefix + k)
+    return keys
 
 
 def write_results(path, results, table):

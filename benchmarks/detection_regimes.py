@@ -70,7 +70,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from common import machine  # benchmarks/, beside this file
+from common import machine, resumable_output_dir  # benchmarks/, beside this file
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.utils.env import seed_all_rng
@@ -896,31 +896,13 @@ def prepare_dirs(out, work, s, args):
     """Creates ``out`` and ``work``. Results of other settings (``out``/settings.json) are
     refused unless ``--overwrite``, which discards every earlier result and cell; with the same
     settings the finished cells are kept (resumed)."""
-    settings_path = out / "settings.json"
-    current = {"mode": args.mode, "settings": s.fingerprint()}
-    if settings_path.exists() and not args.overwrite:
-        earlier = json.loads(settings_path.read_text())
-        if earlier != current:
-            changed = sorted(
-                k
-                for k in set(earlier["settings"]) | set(current["settings"])
-                if earlier["settings"].get(k) != current["settings"].get(k)
-            )
-            if earlier["mode"] != current["mode"]:
-                changed.insert(0, "mode")
-            raise FileExistsError(
-                f"{settings_path} holds results of other settings (differing: "
-                f"{', '.join(changed)}): pass --overwrite to discard them, or choose another "
-                "--output-dir"
-            )
-    elif args.overwrite:
-        for path in (out / "cells", work / "cells"):
-            shutil.rmtree(path, ignore_errors=True)
-        for name in ("results.json", "results.md", "standin.json", "settings.json"):
-            (out / name).unlink(missing_ok=True)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
+    settings = {"mode": args.mode, "settings": s.fingerprint()}
+    outputs = ("cells", "results.json", "results.md", "standin.json")
+    if args.overwrite:
+        shutil.rmtree(work / "cells", ignore_errors=True)
+    resumable_output_dir(out, settings, args.overwrite, outputs)
+    (out / "cells").mkdir(exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    settings_path.write_text(json.dumps(current, indent=1))
 
 
 def main(argv=None):

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import machine, write_results  # benchmarks/, beside this file
+from common import machine, resumable_output_dir, write_results  # benchmarks/, beside this file
 from digit_scenes import SCENES, DigitScenes
 from scipy import stats
 from torch import nn
@@ -234,7 +234,7 @@ def fixed_coefficient_error(model, x, y, value):
 
 
 def fit_offline(model, batches, iters, lr):
-    """EN offline from the rule of thumb; returns the auxiliary loss before and after."""
+    """EN offline from the rule of thumb: the iterations run and every tenth auxiliary loss."""
     for m in evalnorm_layers(model):
         m.set_coefficients("rule_of_thumb")
     summary = estimate_offline(model, batches, iters, lr=lr, log_period=10**9)
@@ -694,35 +694,11 @@ def measured_settings(args):
 
 
 def prepare(output_dir, args):
-    """The cells folder; refuses other settings than the run being resumed unless --overwrite."""
+    """The cells folder of ``output_dir``, kept when resuming (``resumable_output_dir``)."""
+    outputs = ("cells", "results.json", "results.md", *PLOTS)
+    resumable_output_dir(output_dir, measured_settings(args), args.overwrite, outputs)
     cells_dir = output_dir / "cells"
-    settings_file = output_dir / "settings.json"
-    settings = measured_settings(args)
-    if settings_file.exists() and not args.overwrite:
-        previous = json.loads(settings_file.read_text())
-        if previous != json.loads(json.dumps(settings)):
-            changed = sorted(
-                k
-                for k in set(previous) | set(settings)
-                if previous.get(k) != json.loads(json.dumps(settings)).get(k)
-            )
-            raise FileExistsError(
-                f"{output_dir} holds a run with other settings ({', '.join(changed)}): pass "
-                "--overwrite to replace it, or choose another --output-dir"
-            )
-    if args.overwrite:
-        for path in [
-            settings_file,
-            *output_dir.glob("results.*"),
-            *(output_dir / p for p in PLOTS),
-        ]:
-            if path.exists():
-                path.unlink()
-        if cells_dir.exists():
-            for path in cells_dir.glob("*.json"):
-                path.unlink()
-    cells_dir.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=1))
+    cells_dir.mkdir(exist_ok=True)
     return cells_dir
 
 

@@ -294,7 +294,9 @@ def test_results_files_resume_and_refusal(smoke, tmp_path):
     assert {p.name: p.read_bytes() for p in (output_dir / "cells").glob("*.json")} == cells
     assert again["summary"]["errors"] == results["summary"]["errors"]
     # Other settings are refused before anything is measured, and nothing is lost.
-    with pytest.raises(FileExistsError, match=r"other settings \(steps\): pass --overwrite"):
+    with pytest.raises(
+        FileExistsError, match=r"other settings \(differing: steps\): pass --overwrite"
+    ):
         run_smoke(output_dir, "--steps", "3")
     assert {p.name: p.read_bytes() for p in (output_dir / "cells").glob("*.json")} == cells
 

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -380,7 +381,7 @@ def test_resumes_and_refuses_other_settings(smoke, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == before
     assert sorted(report["cells"]) == sorted(cells)
     settings = (out / "settings.json").read_bytes()
-    with pytest.raises(FileExistsError, match="differing: iters.*pass --overwrite"):
+    with pytest.raises(FileExistsError, match="differing: settings.iters.*pass --overwrite"):
         _run(tmp, "--iters", "3")
     assert (out / "settings.json").read_bytes() == settings
     with pytest.raises(SystemExit, match="divide 8"):
@@ -389,9 +390,12 @@ def test_resumes_and_refuses_other_settings(smoke, tmp_path):
         bench.main(["--mode", "quick", "--output-dir", str(tmp_path), "--images-per-gpu", "4"])
     assert not (tmp_path / "results.json").exists()
 
-    # --overwrite: a new run of one cell, the others discarded
-    report, printed = _run(tmp, "--iters", "1", "--regimes", "a", "--overwrite")
-    names = sorted(p.stem for p in (out / "cells").glob("*.json"))
+    # --overwrite: a new run of one cell, the others discarded (on a copy: other tests read
+    # the smoke run's cells)
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp, copy)
+    report, printed = _run(copy, "--iters", "1", "--regimes", "a", "--overwrite")
+    names = sorted(p.stem for p in (copy / "out" / "cells").glob("*.json"))
     assert names == ["a_2img_seed0", "a_8img_seed0"]
     assert "skipped" not in printed and report["settings"]["iters"] == 1
 
