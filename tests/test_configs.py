@@ -93,6 +93,8 @@ def test_regime_promises(name):
     for m in norms:
         assert m.frozen == (regime == "c")
         assert m.weight.requires_grad == (regime != "c")
+        # (c) fits alpha/beta to the frozen normalization it trains with (docs/BENCHMARKS.md)
+        assert regime != "c" or m.frozen_en == "frozen_target"
     backbone_b = {m.norm_batch_size for m in model.backbone.modules() if isinstance(m, EvalNorm2d)}
     head_b = {m.norm_batch_size for m in model.roi_heads.modules() if isinstance(m, EvalNorm2d)}
     # Built in one process, B is still the configured images per GPU.
