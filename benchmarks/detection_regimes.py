@@ -2,7 +2,7 @@
 """Table 2 of the paper in miniature: the detection transfer regimes x {2, 4, 8} images per GPU
 on the bundled digits at 128 px (res4 8x8), each model evaluated with EMA, EN and peer rows.
 
-Regimes (configs/regimes, DESIGN-NOTES.md): (a) scratch; (b) "ImageNet" convolutions, BN reset
+Regimes (configs/regimes, the README's Configs table): (a) scratch; (b) "ImageNet" convolutions, BN reset
 (MODEL.EVALNORM.RESET_NORM) and trained; (c) "ImageNet" convolutions trained, BN frozen
 (FrozenEN), in the three readings of MODEL.EVALNORM.FROZEN_EN: "c" = batch_target (frozen
 statistics in training, EN estimated against the batch-normalized target), "c_frozen_target"
