@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.evalnorm-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo rescue-demo clean
+.PHONY: setup test gpu-check demo rescue-demo clean
 
 setup: $(STAMP)
 
@@ -22,12 +22,20 @@ $(STAMP): pyproject.toml constraints.txt tools/install_detectron2.sh
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# On a machine with CUDA: the CUDA tests, the overhead benchmark on CUDA and a short AMP run.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
+
 demo: setup
 	$(PY) tools/train_net.py --config demo/evalnorm_digits_2img.yaml
 
 # A BN detector trained at 2 images per batch, then rescued: the same weights in every test mode.
 BN_DEMO := output/demo_bn_digits_2img
-rescue-demo: setup
+rescue-# On a machine with CUDA: the CUDA tests, the overhead benchmark on CUDA and a short AMP run.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
+
+demo: setup
 	test -f $(BN_DEMO)/model_final.pth || $(PY) tools/train_net.py --config demo/bn_digits_2img.yaml
 	$(PY) tools/train_net.py --config demo/bn_digits_2img.yaml --eval-only \
 		MODEL.WEIGHTS $(BN_DEMO)/model_final.pth TEST.EVALNORM_MODES "['all']" \

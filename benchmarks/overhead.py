@@ -16,11 +16,17 @@ weights and inputs.
    image's own statistics mixed in: one more pass over every normalized tensor).
 3. One layer: ``EvalNorm2d`` against ``BatchNorm2d`` on the tensor shapes of R50-C4 at 600x600
    (evaluation forward; training forward and backward, EN estimating online).
+4. Launches: per training step and per inference image, the ATen operators called (nested
+   calls included) and the scalar reads (``.item()``, a tensor used as a Python bool), each a
+   host-device synchronization on a GPU; on CUDA also the kernels launched and the stream
+   synchronizations (``.tolist()`` and copies to the host among them). Counted by
+   ``torch.profiler``; on a GPU, many small kernels and syncs cost more than the arithmetic.
 
 Goals: training step <= 1.05x BN, peak memory <= 1.03x, inference <= 1.10x.
 
     python benchmarks/overhead.py                 # quick, CPU: about 5 minutes on 2 cores
     python benchmarks/overhead.py --device cuda   # on a GPU
+    python benchmarks/overhead.py --device cuda --amp fp16   # under float16 autocast
     python benchmarks/overhead.py --mode full     # more rounds
     python benchmarks/overhead.py --mode smoke    # a tiny model, seconds (CI)
 
@@ -101,17 +107,29 @@ def autograd_auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, bet
     return torch.addcmul(offset, x, slope).abs().mean()
 
 
+AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device, amp):
+    """The autocast context of ``--amp`` (a no-op for "none")."""
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None)
+
+
 class Trained:
     """A detector with its SGD optimizer and, for EN, its ``OnlineEstimator`` (``estimate``:
     None for none, else the estimator's keyword arguments); ``aux_loss`` replaces the layers'
-    auxiliary loss while it steps."""
+    auxiliary loss while it steps. Under ``amp`` the forward runs in autocast, with a gradient
+    scaler for float16, as detectron2's ``AMPTrainer`` does."""
 
-    def __init__(self, model, estimate=None, aux_loss=None):
+    def __init__(self, model, estimate=None, aux_loss=None, device="cpu", amp="none"):
         self.model = model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
         self.estimator = None if estimate is None else OnlineEstimator(model, **estimate)
         self.aux_loss = aux_loss
+        self.device, self.amp = device, amp
+        self.scaler = torch.amp.GradScaler(device.split(":")[0], enabled=amp == "fp16")
 
     def step(self, batch, seed):
         if self.aux_loss is None:
@@ -124,10 +142,12 @@ class Trained:
 
     def _step(self, batch, seed):
         torch.manual_seed(seed)  # the same proposals and samples for every model
-        losses = self.model(batch)
+        with autocast(self.device, self.amp):
+            losses = self.model(batch)
         self.optimizer.zero_grad(set_to_none=False)
-        sum(losses.values()).backward()
-        self.optimizer.step()
+        self.scaler.scale(sum(losses.values())).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         if self.estimator is not None:
             self.estimator.step()
 
@@ -181,16 +201,40 @@ def step_peak_bytes(trained, batch, device):
     return peak
 
 
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def count_launches(fn, device):
+    """What one call of ``fn`` launches: {"operators", "scalar reads"} and on CUDA also
+    {"kernels", "syncs"} (see the module docstring, 4.)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+    names = [e.name for e in prof.events()]
+    counts = {
+        "operators": sum(n.startswith("aten::") for n in names),
+        "scalar reads": names.count("aten::_local_scalar_dense"),
+    }
+    if device.startswith("cuda"):
+        counts["kernels"] = sum(n in KERNEL_LAUNCHES for n in names)
+        counts["syncs"] = sum(n in SYNCS for n in names)
+    return counts
+
+
 def compare_training(cfg, args):
     torch.manual_seed(args.seed)
     en = build_model(cfg)
+    run = {"device": args.device, "amp": args.amp}
     models = {
-        "BN": Trained(convert_to_batchnorm(copy.deepcopy(en))),
-        "EN": Trained(copy.deepcopy(en), {}),
+        "BN": Trained(convert_to_batchnorm(copy.deepcopy(en)), **run),
+        "EN": Trained(copy.deepcopy(en), {}, **run),
         f"EN, MAX_POSITIONS {args.max_positions}": Trained(
-            copy.deepcopy(en), {"max_positions": args.max_positions}
+            copy.deepcopy(en), {"max_positions": args.max_positions}, **run
         ),
-        "EN, autograd loss (before)": Trained(en, {}, autograd_auxiliary_loss),
+        "EN, autograd loss (before)": Trained(en, {}, autograd_auxiliary_loss, **run),
     }
     batch = synthetic_batch(args.size, args.batch, args.seed)
     fns = {name: (lambda r, t=t: t.step(batch, r)) for name, t in models.items()}
@@ -202,7 +246,11 @@ def compare_training(cfg, args):
             "step_peak": step_peak_bytes(t, batch, args.device),
         }
         memory[name]["peak"] = memory[name]["state"] + memory[name]["step_peak"]
-    return times, memory
+    launches = {
+        name: count_launches(lambda t=t: t.step(batch, 0), args.device)
+        for name, t in models.items()
+    }
+    return times, memory, launches
 
 
 @torch.no_grad()
@@ -232,10 +280,15 @@ def compare_inference(cfg, args):
 
     @torch.no_grad()
     def run(model, r):
-        model([images[max(r, 0) % len(images)]])
+        with autocast(args.device, args.amp):
+            model([images[max(r, 0) % len(images)]])
 
     fns = {name: (lambda r, m=m: run(m, r)) for name, m in models.items()}
-    return interleaved(fns, args.images, args.warmup, args.device)
+    times = interleaved(fns, args.images, args.warmup, args.device)
+    launches = {
+        name: count_launches(lambda m=m: run(m, 0), args.device) for name, m in models.items()
+    }
+    return times, launches
 
 
 @torch.no_grad()
@@ -281,16 +334,21 @@ def compare_layers(cfg, args):
 
 
 def _layer_times(bn, en, train_shape, eval_shape, args):
-    x_eval = torch.randn(eval_shape, device=args.device)
-    x_train = torch.randn(train_shape, device=args.device, requires_grad=True)
-    grad = torch.randn(train_shape, device=args.device)
+    # Under autocast a normalization layer receives its convolution's low-precision output.
+    dtype = AMP_DTYPES[args.amp] or torch.float32
+    x_eval = torch.randn(eval_shape, device=args.device, dtype=dtype)
+    x_train = torch.randn(train_shape, device=args.device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(train_shape, device=args.device, dtype=dtype)
 
     @torch.no_grad()
     def evaluate(layer, r):
-        layer.eval()(x_eval)
+        with autocast(args.device, args.amp):
+            layer.eval()(x_eval)
 
     def train(layer, r):
-        layer.train()(x_train).backward(grad)
+        with autocast(args.device, args.amp):
+            y = layer.train()(x_train)
+        y.backward(grad.to(y.dtype))
         if isinstance(layer, EvalNorm2d):
             layer.take_aux_grad()
 
@@ -310,9 +368,11 @@ def markdown(results):
     t, m, i = results["training"]["times"], results["training"]["memory"], results["inference"]
     settings, ms, mib = results["settings"], 1000.0, 2.0**20
     size = f"{settings['size']}x{settings['size']}"
+    precision = {"none": "float32", "fp16": "float16 autocast", "bf16": "bfloat16 autocast"}
     lines = [
-        f"Device: {results['machine']['device']}. Faster R-CNN R50-C4, training steps of "
-        + f"{settings['batch']} images of {size}, inference on one image at a time.",
+        f"Device: {results['machine']['device']}, {precision[settings['amp']]}. Faster R-CNN "
+        + f"R50-C4, training steps of {settings['batch']} images of {size}, inference on one "
+        + "image at a time.",
         "",
         "| training | step, median (ms) | / BN | peak memory (MiB) | / BN |",
         "|---|---|---|---|---|",
@@ -352,6 +412,15 @@ def markdown(results):
             f"{tr['EN'] * ms:.2f} | {tr['EN'] / tr['BN']:.2f} | {tuple(row['eval_shape'])} | "
             f"{ev['BN'] * ms:.2f} | {ev['EN'] * ms:.2f} | {ev['EN'] / ev['BN']:.2f} |"
         )
+    kinds = list(next(iter(results["launches"]["inference"].values())))
+    lines += [
+        "",
+        "| launches | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
+    for what, rows in results["launches"].items():
+        for name, counts in rows.items():
+            lines.append(f"| {what}, {name} | " + " | ".join(str(counts[k]) for k in kinds) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -364,6 +433,12 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, help="timed training steps per model")
     parser.add_argument("--images", type=int, help="timed inference images per model")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--amp",
+        choices=sorted(AMP_DTYPES),
+        default="none",
+        help="autocast precision of training steps, inference and layers (default none)",
+    )
     parser.add_argument(
         "--max-positions",
         type=int,
@@ -388,15 +463,16 @@ def main(argv=None):
     start = time.time()
     cfg = detector_cfg(args)
     with EventStorage():  # detectron2's losses log to it
-        times, memory = compare_training(cfg, args)
+        times, memory, training_launches = compare_training(cfg, args)
     subsampled = f"EN, MAX_POSITIONS {args.max_positions}"
-    inference = compare_inference(cfg, args)
+    inference, inference_launches = compare_inference(cfg, args)
     results = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite")},
         "machine": machine(args.device),
         "training": {"times": times, "memory": memory},
         "inference": inference,
         "layers": compare_layers(cfg, args),
+        "launches": {"training step": training_launches, "inference": inference_launches},
         "ratios": {
             "training step": ratio(times, "BN", "EN"),
             f"training step ({subsampled})": ratio(times, "BN", subsampled),

@@ -48,6 +48,21 @@ def test_smoke_mode_writes_every_measure(smoke):
     assert "| EN, autograd loss (before) |" in table and "| res5 (ROIs) |" in table
     assert set(times) == {"BN", "EN", "EN, MAX_POSITIONS 4096", "EN, autograd loss (before)"}
     assert saved["machine"]["torch"] == torch.__version__
+    launches = saved["launches"]
+    assert set(launches["training step"]) == set(times)
+    assert set(launches["inference"]) == {"BN folded", "EN"}
+    for rows in launches.values():  # EN computes per-sample statistics on top of BN's work
+        en, bn = rows["EN"], rows.get("BN", rows.get("BN folded"))
+        assert en["operators"] > bn["operators"] > 0 and en["scalar reads"] >= bn["scalar reads"]
+    assert "| training step, EN |" in table and "| inference, BN folded |" in table
+
+
+def test_launch_counts_name_operators_and_scalar_reads():
+    x = torch.arange(6.0)
+    counts = overhead.count_launches(lambda: [x.sum().item(), bool((x * 2).max() > 3)], "cpu")
+    # sum, mul, max, gt, and two reads of a Python number, each a sync on a GPU.
+    assert counts["scalar reads"] == 2 and counts["operators"] >= 6
+    assert "kernels" not in counts and "syncs" not in counts
 
 
 def test_refuses_to_overwrite_results(smoke):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import class_images, randomize_batchnorm, reference_auxiliary_loss, small_cnn
+from helpers import assert_reference_gradient, class_images, randomize_batchnorm, small_cnn
 
 from evalnorm_det import EvalNorm2d, OnlineEstimator, convert_to_evalnorm
 
@@ -48,27 +48,6 @@ def test_max_positions_averages_over_a_strided_subset(max_positions, stride):
 
     assert_reference_gradient(en, grad, x, mean, var, positions=kept)
     estimator.enabled = False
-
-
-def assert_reference_gradient(en, grad, x, mean, var, group_size=None, positions=None):
-    """``grad`` and the layer's last loss against central finite differences of the float64
-    reference of eqs. 7-9 at the layer's alpha/beta logits."""
-
-    def loss(alpha_logit, beta_logit):
-        sigmoid = lambda v: 1 / (1 + np.exp(-v))
-        alpha, beta = sigmoid(alpha_logit), sigmoid(beta_logit)
-        return reference_auxiliary_loss(
-            x.numpy(), mean, var, alpha, beta, en.eps, group_size, positions
-        )
-
-    a, b = en.alpha_logit.item(), en.beta_logit.item()
-    h = 1e-6
-    numeric = [
-        (loss(a + h, b) - loss(a - h, b)) / (2 * h),
-        (loss(a, b + h) - loss(a, b - h)) / (2 * h),
-    ]
-    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9)
-    assert en.last_aux_loss.item() == pytest.approx(loss(a, b), rel=1e-10)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
