@@ -31,6 +31,12 @@ Headline: regime (d) at 2 images, the share of the EMA gap that EN recovers,
 (EN@2 - EMA@2) / (EMA@8 - EMA@2) in AP, per seed and of the means; the paper's is 78%.
 
     python benchmarks/detection_regimes.py [--mode smoke|quick|full] [--threads 1]
+    python benchmarks/detection_regimes.py --task photo ...   # the harder data
+
+``--task`` chooses the data: "digits" (default: 1-3 digits of 32-58 px on smooth backgrounds,
+the demo's) or "photo" (1-6 digits of 15-32 px on crops of photographs: where "digits"
+saturates, AP50 about 97 in regime (d), this one leaves room for the batch size to matter).
+Each task has its own data, stand-in, folders and settings.
 
 Each cell's result is written to ``--output-dir``/cells/<cell>.json as soon as it is done,
 with ``results.json`` and ``results.md`` (means and spread over seeds) rewritten after each
@@ -79,6 +85,7 @@ from torch.nn import functional as F
 
 from evalnorm_det import EvalNorm2d, Trainer
 from evalnorm_det.data.digits import (
+    STYLES,
     datasets_root,
     generate_digits,
     generate_extra_split,
@@ -158,6 +165,9 @@ class Settings:
 
     device: str
     cells: tuple  # (regime, N, seed) in the order they run
+    # The detection data's style (evalnorm_det.data.digits.STYLES): "digits" (1-3 digits of
+    # 32-58 px on smooth backgrounds) or "photo" (1-6 of 15-32 px on photographs, harder).
+    task: str = "digits"
     image_size: int = 128
     num_train: int = 1000
     num_val: int = 200  # the test split
@@ -195,6 +205,8 @@ class Settings:
         """What a cell's numbers depend on (everything but the choice of cells), as JSON."""
         d = dataclasses.asdict(self)
         del d["cells"]
+        if d["task"] == "digits":  # as recorded before there was a choice: still resumable
+            del d["task"]
         return json.loads(json.dumps(d))
 
 
@@ -272,25 +284,25 @@ class StandinResNet50(torchvision.models.ResNet):
                 nn.init.zeros_(m.bn3.weight)
 
 
-def render_scenes(split, num_images, image_size, seed):
+def render_scenes(split, num_images, image_size, seed, task="digits"):
     """``num_images`` whole scenes rendered as the detection data (digit samples of ``split``,
-    ``default_rng(seed)``): (P, S, S, 3) uint8 RGB and (P, 10) float32 multi-hot labels (the
-    digits present)."""
+    ``default_rng(seed)``, style ``task``): (P, S, S, 3) uint8 RGB and (P, 10) float32
+    multi-hot labels (the digits present)."""
     images, targets = [], np.zeros((num_images, NUM_CLASSES), np.float32)
-    for i, r in enumerate(render_split(split, num_images, image_size, seed)):
+    for i, r in enumerate(render_split(split, num_images, image_size, seed, task)):
         images.append(r.image)
         targets[i, r.labels] = 1.0
     return np.stack(images), targets
 
 
-def render_crops(split, num_images, image_size, crop, seed):
+def render_crops(split, num_images, image_size, crop, seed, task="digits"):
     """Windows of ``crop`` px at native scale (no resizing) around each digit of
-    ``num_images`` scenes rendered as the detection data: the digit's box inside the window
-    at a random place (centred when larger). (P, crop, crop, 3) uint8 RGB and (P,) int64
-    labels, 1-3 windows per scene."""
+    ``num_images`` scenes rendered as the detection data (style ``task``): the digit's box
+    inside the window at a random place (centred when larger). (P, crop, crop, 3) uint8 RGB
+    and (P,) int64 labels, one window per digit."""
     rng = np.random.default_rng(seed + 1000)
     windows, labels = [], []
-    for r in render_split(split, num_images, image_size, seed):
+    for r in render_split(split, num_images, image_size, seed, task):
         for (x, y, w, h), label in zip(r.boxes.tolist(), r.labels.tolist()):
             x0 = rng.integers(x + w - crop, x + 1) if w <= crop else x + (w - crop) // 2
             y0 = rng.integers(y + h - crop, y + 1) if h <= crop else y + (h - crop) // 2
@@ -329,9 +341,9 @@ def _standin_data(s, split, num_images):
         raise ValueError(f"standin_crop={s.standin_crop}: expected 1 to {s.image_size} px")
     seed = STANDIN_SEEDS[split]
     if s.standin_task == "scenes":
-        x, y = render_scenes(split, num_images, s.image_size, seed)
+        x, y = render_scenes(split, num_images, s.image_size, seed, s.task)
     else:
-        x, y = render_crops(split, num_images, s.image_size, s.standin_crop, seed)
+        x, y = render_crops(split, num_images, s.image_size, s.standin_crop, seed, s.task)
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -439,6 +451,8 @@ def prepare_standin(s, out, work, threads):
     summary_path = folder / "summary.json"
     key = {k: v for k, v in s.fingerprint().items() if k.startswith("standin") or k == "device"}
     key["image_size"] = s.image_size
+    if s.task != "digits":
+        key["task"] = s.task
     if summary_path.exists() and weights.exists():
         summary = json.loads(summary_path.read_text())
         if summary.get("settings") == key:
@@ -467,19 +481,20 @@ def prepare_standin(s, out, work, threads):
 # The cells
 # ----------------------------------------------------------------------------------------------
 def register_datasets(mode, s):
-    """Generates the mode's digits under ``$DETECTRON2_DATASETS/detection_regimes_<mode>`` and
-    registers them as ``regimes_digits_<mode>_{train,val,selection}``: train (even digit
-    samples, seed 0), val (the test split: odd digit samples, seed 1) and selection (train-split
-    digit samples, seed SELECTION_SEED: images in neither); returns the three names."""
-    root = os.path.join(datasets_root(), f"detection_regimes_{mode}")
-    dataset_dir = generate_digits(root, s.num_train, s.num_val, s.image_size, seed=0)
+    """Generates the mode's data under ``$DETECTRON2_DATASETS/detection_regimes_<mode>`` (with
+    ``_<task>`` after it but for "digits") and registers it as
+    ``regimes_<task>_<mode>_{train,val,selection}``: train (even digit samples, seed 0), val
+    (the test split: odd digit samples, seed 1) and selection (train-split digit samples, seed
+    SELECTION_SEED: images in neither); returns the three names."""
+    root = os.path.join(datasets_root(), f"detection_regimes_{mode}{task_suffix(s)}")
+    dataset_dir = generate_digits(root, s.num_train, s.num_val, s.image_size, 0, s.task)
     paths = {split: split_paths(dataset_dir, split) for split in ("train", "val")}
     paths["selection"] = generate_extra_split(
-        os.path.join(root, "selection"), "train", s.num_select, s.image_size, SELECTION_SEED
+        os.path.join(root, "selection"), "train", s.num_select, s.image_size, SELECTION_SEED, s.task
     )
     names = []
     for split, (json_file, image_root) in paths.items():
-        name = f"regimes_digits_{mode}_{split}"
+        name = f"regimes_{s.task}_{mode}_{split}"
         if name in DatasetCatalog:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
@@ -842,11 +857,18 @@ def argument_parser():
     )
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
     parser.add_argument(
+        "--task",
+        choices=sorted(STYLES),
+        default="digits",
+        help="the detection data: 'digits' (default) or 'photo' (smaller digits on photographs)",
+    )
+    parser.add_argument(
         "--output-dir", help="small results (JSON, markdown); default: --work-dir's parent"
     )
     parser.add_argument(
         "--work-dir",
-        help="checkpoints, logs, stand-in (default: output/benchmarks/detection_regimes/MODE/work)",
+        help="checkpoints, logs, stand-in (default: "
+        "output/benchmarks/detection_regimes/MODE[_TASK]/work)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="discard earlier results, even of other settings"
@@ -870,7 +892,7 @@ def argument_parser():
 
 
 def settings_from_args(args):
-    s = dataclasses.replace(MODES[args.mode])
+    s = dataclasses.replace(MODES[args.mode], task=args.task)
     if args.device:
         s.device = args.device
     if args.iters:
@@ -892,6 +914,11 @@ def settings_from_args(args):
     return s
 
 
+def task_suffix(s):
+    """ "" for the "digits" task, else "_<task>": folder names of one task apart from another's."""
+    return "" if s.task == "digits" else f"_{s.task}"
+
+
 def prepare_dirs(out, work, s, args):
     """Creates ``out`` and ``work``. Results of other settings (``out``/settings.json) are
     refused unless ``--overwrite``, which discards every earlier result and cell; with the same
@@ -909,7 +936,7 @@ def main(argv=None):
     args = argument_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     s = settings_from_args(args)
-    default = Path(f"output/benchmarks/detection_regimes/{args.mode}")
+    default = Path(f"output/benchmarks/detection_regimes/{args.mode}{task_suffix(s)}")
     out = Path(args.output_dir) if args.output_dir else default
     work = Path(args.work_dir) if args.work_dir else default / "work"
     prepare_dirs(out, work, s, args)
@@ -964,7 +991,7 @@ def write_report(args, s, out, cells, where, start, failed=(), final=False):
     images = sorted({c["images_per_gpu"] for c in cells})
     seeds = sorted({c["seed"] for c in cells})
     title = (
-        f"{s.num_val} test images: COCO box AP (%), {s.image_size} px, {IMS_PER_BATCH} images "
+        f"{s.num_val} test images ({s.task}): COCO box AP (%), {s.image_size} px, {IMS_PER_BATCH} images "
         f"per SGD step normalized in groups of N (one process = {IMS_PER_BATCH}/N GPUs x N "
         f"images), {s.iters} iterations, seeds {seeds} (mean±std where more than one)"
     )

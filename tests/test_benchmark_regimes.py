@@ -418,6 +418,19 @@ def test_cell_order_and_modes():
     assert bench.MODES["quick"].iters * bench.IMS_PER_BATCH >= 1600 * 2  # the demo's images
 
 
+def test_task_is_part_of_the_settings_but_for_the_recorded_digits():
+    """--task photo is other settings (its own folders and fingerprint); the "digits" task
+    keeps the fingerprint of the runs recorded before the choice existed, so they resume."""
+    recorded = json.loads((ROOT / "benchmarks/results/detection_regimes/settings.json").read_text())
+    assert recorded == {"mode": "full", "settings": bench.MODES["full"].fingerprint()}
+    args = bench.argument_parser().parse_args(["--mode", "full", "--task", "photo"])
+    photo = bench.settings_from_args(args)
+    assert photo.fingerprint() == {**recorded["settings"], "task": "photo"}
+    assert bench.task_suffix(photo) == "_photo"
+    with pytest.raises(SystemExit):
+        bench.argument_parser().parse_args(["--task", "sketch"])
+
+
 def test_standin_inputs_at_native_scale(tmp_path):
     """Crops are windows of the rendered scene itself (no resizing) holding the digit's box;
     the whole-scene task trains on multi-hot labels of the digits present."""

@@ -42,7 +42,7 @@ def overlaps(a, b):
     return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
-def check_coco(json_file, image_root, num_images, category_ids):
+def check_coco(json_file, image_root, num_images, category_ids, max_digits=digits.MAX_DIGITS):
     """Checks a COCO json written by the generator; returns its dict."""
     coco = read_json(json_file)
     assert len(coco["images"]) == num_images
@@ -63,7 +63,7 @@ def check_coco(json_file, image_root, num_images, category_ids):
             3,
         )
         b = boxes[im["id"]]
-        assert 1 <= len(b) <= digits.MAX_DIGITS
+        assert 1 <= len(b) <= max_digits
         for i, (x, y, w, h) in enumerate(b):
             assert x >= 0 and y >= 0 and x + w <= im["width"] and y + h <= im["height"]
             assert not any(overlaps(b[i], other) for other in b[i + 1 :])
@@ -71,9 +71,10 @@ def check_coco(json_file, image_root, num_images, category_ids):
     return coco
 
 
-def test_render_masks_boxes_and_pixels_agree():
+@pytest.mark.parametrize("style", sorted(digits.STYLES))
+def test_render_masks_boxes_and_pixels_agree(style):
     counts = []
-    for r in digits.render_split("train", 30, 64, seed=3):
+    for r in digits.render_split("train", 30, 64, seed=3, style=style):
         counts.append(len(r.boxes))
         assert r.image.dtype == np.uint8 and r.image.shape == (64, 64, 3)
         assert r.masks.sum(0).max() <= 1
@@ -82,7 +83,45 @@ def test_render_masks_boxes_and_pixels_agree():
         for (x, y, w, h), mask in zip(r.boxes.tolist(), r.masks):
             ys, xs = np.nonzero(mask)
             assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x, y, x + w, y + h)
-    assert min(counts) >= 1 and max(counts) == digits.MAX_DIGITS
+    assert min(counts) >= 1 and max(counts) == digits.STYLES[style].max_digits
+
+
+def test_photo_style_draws_small_digits_on_photographs():
+    smooth = list(digits.render_split("train", 40, 128, seed=0))
+    photo = list(digits.render_split("train", 40, 128, seed=0, style="photo"))
+    sides = np.concatenate([r.boxes[:, 2:].max(1) for r in photo])
+    assert 15 <= sides.min() and sides.max() <= 32  # 0.12-0.25 of 128 px
+    assert np.mean([len(r.boxes) for r in photo]) > np.mean([len(r.boxes) for r in smooth])
+
+    def detail(renders):
+        # Mean difference of horizontal neighbours in the backgrounds averaged over 4x4 blocks
+        # (which averages the pixel noise away): photographs have edges, smooth ones barely.
+        small = [
+            cv2.resize(r.background.astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA)
+            for r in renders
+        ]
+        return np.mean([np.abs(np.diff(b, axis=1)).mean() for b in small])
+
+    assert detail(photo) > 3 * detail(smooth)
+
+
+def test_unknown_style_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="style='sketch'.*'digits', 'photo'"):
+        next(digits.render_split("train", 1, 64, seed=0, style="sketch"))
+    with pytest.raises(ValueError, match="style='sketch'"):
+        digits.generate_digits(str(tmp_path), 2, 2, 32, style="sketch")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_dataset_of_another_style_is_regenerated(tmp_path):
+    first = digits.generate_digits(str(tmp_path), 2, 2, 32)
+    with open(os.path.join(first, "info.json")) as f:
+        assert "style" not in json.load(f)  # as written before there were styles
+    photo = digits.generate_digits(str(tmp_path), 2, 2, 32, style="photo")
+    with open(os.path.join(photo, "info.json")) as f:
+        assert json.load(f)["style"] == "photo"
+    json_file, image_root = digits.split_paths(photo, "train")
+    check_coco(json_file, image_root, 2, set(range(1, 11)), max_digits=6)
 
 
 def test_train_and_val_use_disjoint_samples():

@@ -1,7 +1,9 @@
 """EvalNorm digits: a small, deterministic object-detection dataset in COCO format.
 
 Handwritten digits from scikit-learn (``sklearn.datasets.load_digits``: 8x8 images, 16 gray levels)
-are upscaled, colored and pasted without overlap on smooth, noisy RGB backgrounds, 1 to 4 per image.
+are upscaled, colored and pasted without overlap on smooth, noisy RGB backgrounds, 1 to 3 per image
+(the "digits" style). The "photo" style pastes 1 to 6 smaller digits on crops of scikit-learn's
+two sample photographs (``STYLES``).
 Nothing is downloaded: the images are generated on first use under
 ``$DETECTRON2_DATASETS/evalnorm_digits`` (default ``./datasets``)::
 
@@ -19,6 +21,7 @@ datasets.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -46,6 +49,32 @@ CONTRAST = 64
 PIXEL_NOISE = 6.0
 BACKGROUND_TINT = 24.0
 MAX_TRIES = 50
+
+
+class Style(NamedTuple):
+    """How images are drawn: 1 to ``max_digits`` digits of sides ``digit_size`` x the image size
+    on a ``background``, "smooth" (nearly gray, noisy) or "photo" (a crop of ``photo_crop`` x the
+    image size of one of scikit-learn's sample photographs, resized to the image, maybe
+    mirrored, noisy)."""
+
+    max_digits: int = MAX_DIGITS
+    digit_size: tuple = DIGIT_SIZE
+    background: str = "smooth"
+    photo_crop: tuple = (0.5, 2.5)
+
+
+STYLES = {
+    "digits": Style(),
+    # Cluttered backgrounds, more and smaller digits (15-32 px at 128): a harder task.
+    "photo": Style(max_digits=6, digit_size=(0.12, 0.25), background="photo"),
+}
+
+
+def check_style(style: str) -> Style:
+    """The ``Style`` named ``style``; ValueError naming the known ones otherwise."""
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: expected one of {sorted(STYLES)}")
+    return STYLES[style]
 
 
 class Rendered(NamedTuple):
@@ -82,28 +111,56 @@ def load_digit_samples(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, digits.target[start::2].astype(np.int64)
 
 
-def render_image(
-    rng: np.random.Generator, samples: np.ndarray, labels: np.ndarray, image_size: int
-) -> Rendered:
-    """Pastes 1 to MAX_DIGITS random ``samples`` (M, 8, 8) with ``labels`` (M,) on a background.
+@functools.lru_cache(maxsize=1)
+def _photographs() -> tuple[np.ndarray, ...]:
+    """scikit-learn's two sample photographs (china.jpg, flower.jpg): (427, 640, 3) float32."""
+    from sklearn.datasets import load_sample_images
 
-    A digit is resized bilinearly to a side drawn from ``DIGIT_SIZE * image_size`` (32-58 px at
-    128); its intensity below ALPHA_MIN is cut to 0 and the rest is its alpha mask. Each channel
-    of its color lies at least CONTRAST (or as far as 0-255 allows) from the background under it.
-    A digit that finds no free place in MAX_TRIES draws is left out.
+    return tuple(image.astype(np.float32) for image in load_sample_images().images)
+
+
+def _background(rng: np.random.Generator, s: int, style: Style) -> np.ndarray:
+    """A (s, s, 3) float32 background in [0, 255] drawn as ``style`` says."""
+    if style.background == "photo":
+        photo = _photographs()[int(rng.integers(2))]
+        height, width = photo.shape[:2]
+        side = min(int(rng.integers(*(round(f * s) for f in style.photo_crop))), height)
+        top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
+        crop = photo[top : top + side, left : left + side]
+        background = cv2.resize(crop, (s, s), interpolation=cv2.INTER_AREA)
+        if rng.uniform() < 0.5:
+            background = background[:, ::-1]
+    else:
+        # Nearly gray: the digits' shapes, not color clutter, carry the task.
+        shape = (*rng.integers(2, 6, size=2), 3)
+        gray = rng.uniform(48, 208)
+        grid = (gray + rng.uniform(-BACKGROUND_TINT, BACKGROUND_TINT, shape)).astype(np.float32)
+        background = cv2.resize(grid, (s, s), interpolation=cv2.INTER_CUBIC)
+    return np.clip(background + rng.normal(0, PIXEL_NOISE, (s, s, 3)), 0, 255)
+
+
+def render_image(
+    rng: np.random.Generator,
+    samples: np.ndarray,
+    labels: np.ndarray,
+    image_size: int,
+    style: Style = STYLES["digits"],
+) -> Rendered:
+    """Pastes 1 to ``style.max_digits`` random ``samples`` (M, 8, 8) with ``labels`` (M,) on a
+    background.
+
+    A digit is resized bilinearly to a side drawn from ``style.digit_size * image_size`` (32-58
+    px at 128 in the "digits" style); its intensity below ALPHA_MIN is cut to 0 and the rest is
+    its alpha mask. Each channel of its color lies at least CONTRAST (or as far as 0-255 allows)
+    from the background under it. A digit that finds no free place in MAX_TRIES draws is left
+    out.
     """
     s = image_size
-    # A smooth, nearly gray background: the digits' shapes, not color clutter, carry the task.
-    shape = (*rng.integers(2, 6, size=2), 3)
-    grid = (rng.uniform(48, 208) + rng.uniform(-BACKGROUND_TINT, BACKGROUND_TINT, shape)).astype(
-        np.float32
-    )
-    background = cv2.resize(grid, (s, s), interpolation=cv2.INTER_CUBIC)
-    background = np.clip(background + rng.normal(0, PIXEL_NOISE, (s, s, 3)), 0, 255)
+    background = _background(rng, s, style)
     image = background.copy()
-    min_side, max_side = (round(f * s) for f in DIGIT_SIZE)
+    min_side, max_side = (round(f * s) for f in style.digit_size)
     boxes, classes, masks = [], [], []
-    for _ in range(int(rng.integers(1, MAX_DIGITS + 1))):
+    for _ in range(int(rng.integers(1, style.max_digits + 1))):
         k = int(rng.integers(len(samples)))
         side = int(rng.integers(min_side, max_side + 1))
         alpha = cv2.resize(samples[k], (side, side), interpolation=cv2.INTER_LINEAR)
@@ -144,12 +201,16 @@ def render_image(
     )
 
 
-def render_split(split: str, num_images: int, image_size: int, seed: int) -> Iterator[Rendered]:
-    """Yields ``num_images`` images of the digit samples of ``split``, from ``default_rng(seed)``."""
+def render_split(
+    split: str, num_images: int, image_size: int, seed: int, style: str = "digits"
+) -> Iterator[Rendered]:
+    """Yields ``num_images`` images of the digit samples of ``split`` in ``style`` (a key of
+    ``STYLES``), from ``default_rng(seed)``."""
+    drawn = check_style(style)
     rng = np.random.default_rng(seed)
     samples, labels = load_digit_samples(split)
     for _ in range(num_images):
-        yield render_image(rng, samples, labels, image_size)
+        yield render_image(rng, samples, labels, image_size, drawn)
 
 
 def _write_split(
@@ -212,8 +273,10 @@ def generate_digits(
     num_val: int = DEFAULT_NUM_IMAGES["val"],
     image_size: int = DEFAULT_IMAGE_SIZE,
     seed: int = DEFAULT_SEED,
+    style: str = "digits",
 ) -> str:
-    """Makes ``<root>/evalnorm_digits`` (root defaults to ``datasets_root()``); returns its path.
+    """Makes ``<root>/evalnorm_digits`` (root defaults to ``datasets_root()``) in ``style`` (a
+    key of ``STYLES``); returns its path.
 
     Does nothing if its ``info.json`` already records VERSION and these arguments. Otherwise
     writes the dataset into a temporary sibling folder and renames it into place, so that
@@ -228,6 +291,7 @@ def generate_digits(
         "num_images": {"train": num_train, "val": num_val},
         "image_size": image_size,
         "seed": seed,
+        **_style_info(style),
     }
     if _read_info(final) == info:
         return final
@@ -239,7 +303,7 @@ def generate_digits(
         ]
         for k, split in enumerate(SPLITS):
             json_file, image_root = split_paths(tmp, split)
-            renders = render_split(split, info["num_images"][split], image_size, seed + k)
+            renders = render_split(split, info["num_images"][split], image_size, seed + k, style)
             _write_json(json_file, *_write_split(renders, image_root, "{:06d}.png", 1), categories)
         with open(os.path.join(tmp, "info.json"), "w") as f:
             json.dump(info, f)
@@ -258,10 +322,15 @@ def generate_digits(
 
 
 def generate_extra_split(
-    dataset_dir: str, digit_split: str, num_images: int, image_size: int, seed: int
+    dataset_dir: str,
+    digit_split: str,
+    num_images: int,
+    image_size: int,
+    seed: int,
+    style: str = "digits",
 ) -> tuple[str, str]:
     """Writes ``num_images`` images of the digit samples of ``digit_split`` ("train" or "val"),
-    from ``default_rng(seed)``, to ``<dataset_dir>/images`` with COCO annotations in
+    in ``style``, from ``default_rng(seed)``, to ``<dataset_dir>/images`` with COCO annotations in
     ``<dataset_dir>/annotations.json`` (e.g. a validation split of images in neither the train
     nor the val split, with a seed of its own); nothing is written when its ``info.json``
     records these arguments. Returns (json_file, image_root)."""
@@ -271,6 +340,7 @@ def generate_extra_split(
         "num_images": num_images,
         "image_size": image_size,
         "seed": seed,
+        **_style_info(style),
     }
     json_file = os.path.join(dataset_dir, "annotations.json")
     image_root = os.path.join(dataset_dir, "images")
@@ -280,11 +350,17 @@ def generate_extra_split(
     categories = [
         {"id": d + 1, "name": name, "supercategory": "digit"} for d, name in enumerate(CLASSES)
     ]
-    renders = render_split(digit_split, num_images, image_size, seed)
+    renders = render_split(digit_split, num_images, image_size, seed, style)
     _write_json(json_file, *_write_split(renders, image_root, "{:06d}.png", 1), categories)
     with open(os.path.join(dataset_dir, "info.json"), "w") as f:  # last: marks it complete
         json.dump(info, f)
     return json_file, image_root
+
+
+def _style_info(style: str) -> dict:
+    # The default style is left out, so datasets generated before styles existed stay valid.
+    check_style(style)
+    return {} if style == "digits" else {"style": style}
 
 
 def _load_digits_split(name: str, split: str, kwargs: dict) -> list[dict]:
