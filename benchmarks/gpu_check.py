@@ -21,6 +21,7 @@ every step passed, 1 when one failed, 2 without CUDA (nothing is run).
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -57,7 +58,7 @@ def run_step(name, command, output_dir, timeout):
     return rc, time.time() - start
 
 
-def test_counts(junit_xml):
+def junit_counts(junit_xml):
     """{tests, failures, errors, skipped} of a pytest JUnit XML report."""
     suite = ET.parse(junit_xml).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -68,7 +69,7 @@ def check_tests(output_dir, timeout):
     report = output_dir / "tests.xml"
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
     rc, seconds = run_step("tests", command + [f"--junitxml={report}"], output_dir, timeout)
-    counts = test_counts(report) if report.is_file() else {}
+    counts = junit_counts(report) if report.is_file() else {}
     passed = rc == 0 and counts.get("tests", 0) > 0 and counts.get("skipped", 1) == 0
     return {"passed": passed, "seconds": seconds, "counts": counts}
 
@@ -125,6 +126,7 @@ def check_training_output(train_dir):
 
 def check_training(output_dir, iters, timeout):
     train_dir = output_dir / "amp_training"
+    shutil.rmtree(train_dir, ignore_errors=True)  # detectron2 appends to an old metrics.json
     command = [sys.executable, "tools/train_net.py", "--config", DEMO_CONFIG]
     command += ["SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", "cuda"]
     command += ["SOLVER.MAX_ITER", str(iters), "OUTPUT_DIR", str(train_dir)]
