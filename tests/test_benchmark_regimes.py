@@ -425,7 +425,12 @@ def test_task_is_part_of_the_settings_but_for_the_recorded_digits():
     assert recorded == {"mode": "full", "settings": bench.MODES["full"].fingerprint()}
     args = bench.argument_parser().parse_args(["--mode", "full", "--task", "photo"])
     photo = bench.settings_from_args(args)
-    assert photo.fingerprint() == {**recorded["settings"], "task": "photo"}
+    assert photo.fingerprint() == {
+        **recorded["settings"],
+        "task": "photo",
+        "standin_crop": 32,
+        "standin_iters": 3000,
+    }
     assert bench.task_suffix(photo) == "_photo"
     with pytest.raises(SystemExit):
         bench.argument_parser().parse_args(["--task", "sketch"])
