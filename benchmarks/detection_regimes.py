@@ -24,8 +24,11 @@ same weights are then evaluated on the test split (digit samples never trained o
 1/B^2, prediction-time BN (alpha = beta = 1), Summers and Dinneen's inference example weighing
 (one alpha = beta for the whole network, the best AP of ``example_weights`` on a selection split
 of train-split digits rendered with a seed of its own: neither training nor test images),
-PreciseBN (population statistics over every normalization group), PreciseBN + EN offline, and
-head batch statistics (Wu and Johnson).
+PreciseBN (population statistics over every normalization group), PreciseBN + EN offline, head
+batch statistics (Wu and Johnson), and as a reference "test groups of N": the test images in
+batches of N, each normalized by its own batch's statistics, as training normalizes (what EN
+approximates one image at a time). Cells recorded before that row existed get it on a rerun,
+from their saved checkpoint.
 
 Headline: regime (d) at 2 images, the share of the EMA gap that EN recovers,
 (EN@2 - EMA@2) / (EMA@8 - EMA@2) in AP, per seed and of the means; the paper's is 78%.
@@ -78,13 +81,18 @@ import numpy as np
 import torch
 import torchvision
 from common import machine, resumable_output_dir  # benchmarks/, beside this file
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+)
 from detectron2.data.datasets import register_coco_instances
 from detectron2.utils.env import seed_all_rng
 from torch import nn
 from torch.nn import functional as F
 
-from evalnorm_det import EvalNorm2d, Trainer
+from evalnorm_det import EvalNorm2d, EvalNormCheckpointer, Trainer, evalnorm_mode
 from evalnorm_det.data.digits import (
     STYLES,
     datasets_root,
@@ -95,6 +103,7 @@ from evalnorm_det.data.digits import (
 )
 from evalnorm_det.engine.defaults import setup_cfg
 from evalnorm_det.engine.evaluation import fixed_coefficients
+from evalnorm_det.engine.trainer import build_augmentation
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "benchmarks" / "detection_regimes.yaml"
@@ -137,6 +146,7 @@ ROW_LABELS = {
     "precise_bn": "PreciseBN",
     "precise_bn_en_offline": "PreciseBN+EN off",
     "head_batch_stats": "head batch st.",
+    "test_groups": "test groups of N",
 }
 TEST_MODES = ("ema", "en", "rule_of_thumb", "prediction_time_bn", "precise_bn")
 TEST_MODES += ("precise_bn_en_offline", "head_batch_stats")
@@ -585,6 +595,40 @@ def example_weighing(cfg, model, selection, weights):
     return chosen, {f"{w:g}": ap for w, ap in selection_ap.items()}, res
 
 
+def test_groups(cfg, model):
+    """COCO results on the test dataset with every norm on the statistics of its test batch,
+    batches of N = ``MODEL.EVALNORM.NORM_BATCH_SIZE`` images in dataset order (the last one
+    smaller where N does not divide the test set): the normalization training computes, which
+    EN approximates one image at a time. A reference, not a way to deploy."""
+    test = cfg.DATASETS.TEST[0]
+    mapper = DatasetMapper(cfg, is_train=False, augmentations=build_augmentation(cfg, False))
+    n = cfg.MODEL.EVALNORM.NORM_BATCH_SIZE
+    loader = build_detection_test_loader(cfg, test, mapper=mapper, batch_size=n)
+    with evalnorm_mode(model, "batch"):
+        return Trainer._evaluate_mode(cfg, model, test, loader, "test_groups")
+
+
+def add_test_groups(s, datasets, cell, work):
+    """Adds the "test_groups" row to a cell finished before that row was measured, from its
+    saved final checkpoint; True if it did (nothing to do, or no checkpoint: False)."""
+    name = cell["name"]
+    checkpoint = work / "cells" / name / "model_final.pth"
+    if "test_groups" in cell["results"] or "error" in cell or not checkpoint.is_file():
+        return False
+    cfg = cell_config(s, datasets, cell["regime"], cell["images_per_gpu"], cell["seed"],
+                      checkpoint, work / "cells" / name)  # fmt: skip
+    model = Trainer.build_model(cfg)
+    EvalNormCheckpointer(model).load(str(checkpoint))
+    began = time.perf_counter()
+    stdout = work / "cells" / name / "stdout_test_groups.txt"  # pycocotools' prints
+    with open(stdout, "w") as f, contextlib.redirect_stdout(f):
+        res = test_groups(cfg, model)
+    cell["results"]["test_groups"] = {m: _finite(res["bbox"].get(m)) for m in METRICS}
+    cell["seconds"]["test_groups_added"] = time.perf_counter() - began
+    print(f"  {name}: test groups of N added from {checkpoint}", flush=True)
+    return True
+
+
 def coefficient_summary(model):
     """Mean, min and max of alpha and beta over the EvalNorm layers of the backbone and of the
     ROI heads."""
@@ -623,6 +667,7 @@ def run_cell(cfg, selection, weights):
         per_mode = json.load(f)
     chosen, selection_ap, res = example_weighing(cfg, model, selection, weights)
     per_mode["example_weighing"] = res
+    per_mode["test_groups"] = test_groups(cfg, model)
     results = {
         mode: {m: _finite(r["bbox"].get(m)) for m in METRICS} for mode, r in per_mode.items()
     }
@@ -979,6 +1024,9 @@ def run(args, s, out, work):
             if cell.get("settings") != s.fingerprint():
                 raise FileExistsError(f"{path} was measured with other settings: --overwrite")
             print(f"  {cell['name']}: done earlier, skipped", flush=True)
+            if add_test_groups(s, datasets, cell, work):
+                path.write_text(json.dumps(cell, indent=1))
+                write_report(args, s, out, cells + [cell], where, start, failed)
             cells.append(cell)
             continue
         if regime != "a" and weights is None:
@@ -1018,7 +1066,8 @@ def write_report(args, s, out, cells, where, start, failed=(), final=False):
         "(one alpha = beta for the network, chosen among "
         f"{list(s.example_weights)} on {s.num_select} selection images), PreciseBN "
         f"({s.precise_bn_iters} batches of N images; it changes nothing where training "
-        "normalizes with frozen statistics), PreciseBN + EN offline, head batch statistics. "
+        "normalizes with frozen statistics), PreciseBN + EN offline, head batch statistics, and test groups of N (the test "
+        "images in batches of N normalized by their batch's statistics, as in training). "
         "'.': not run; '-': no finite detection (COCO AP undefined) or a diverged cell."
     )
     standin_path = out / "standin.json"

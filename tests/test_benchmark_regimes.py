@@ -9,6 +9,7 @@ Its APs mean nothing; the tests check where they come from, not what they are.
 """
 
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -26,14 +27,14 @@ from detectron2.layers import FrozenBatchNorm2d
 from helpers import load_script, reference_evalnorm
 from torch import nn
 
-from evalnorm_det import EvalNorm2d, Trainer
+from evalnorm_det import EvalNorm2d, EvalNormCheckpointer, Trainer
 from evalnorm_det.engine.defaults import setup_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "detection_regimes.py"
 IMAGES = (2, 8)
 ROWS = {"EMA", "EN", "EN - EMA", "1/B^2", "pred.-time BN", "example weigh.", "PreciseBN"}
-ROWS |= {"PreciseBN+EN off", "head batch st."}
+ROWS |= {"PreciseBN+EN off", "head batch st.", "test groups of N"}
 
 
 bench = load_script(SCRIPT)
@@ -87,13 +88,13 @@ def test_every_cell_with_every_row(smoke):
     assert keys == {(r, n, 0) for r in bench.REGIMES for n in IMAGES}
     values = []
     for cell in cells.values():
-        assert set(cell["results"]) == {*bench.TEST_MODES, "example_weighing"}
+        assert set(cell["results"]) == {*bench.TEST_MODES, "example_weighing", "test_groups"}
         # the numbers are the Trainer's own file's
         with open(Path(cell["work_dir"]) / "evalnorm_results.json") as f:
             written = json.load(f)
         for mode, metrics in cell["results"].items():
             assert set(metrics) == {"AP", "AP50", "AP75"}
-            if mode == "example_weighing":
+            if mode in ("example_weighing", "test_groups"):
                 continue
             for metric, value in metrics.items():
                 coco = written[mode]["bbox"][metric]
@@ -505,3 +506,32 @@ def test_layer_gaps_of_a_smoke_cell(smoke, tmp_path):
     assert (tmp_path / "layer_gaps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
         layer_gaps.main([str(tmp_path), "--output-dir", str(tmp_path)])  # no model_final.pth
+
+
+def test_test_groups_normalize_each_test_batch_and_complete_older_cells(smoke):
+    """The "test groups of N" row: every norm on its test batch of N images, the EMA untouched;
+    a cell recorded without the row gets the same numbers from its saved checkpoint."""
+    _, out, _, cells = smoke
+    name = bench.cell_name("d", 2, 0)
+    work = out.parent / "work"
+    s = bench.MODES["smoke"]
+    with _datasets(out.parent / "datasets"):
+        datasets = bench.register_datasets("smoke", s)
+        older = copy.deepcopy(cells[name])
+        del older["results"]["test_groups"]
+        assert bench.add_test_groups(s, datasets, older, work)
+        assert older["results"]["test_groups"] == cells[name]["results"]["test_groups"]
+        assert not bench.add_test_groups(s, datasets, older, work)  # nothing left to add
+
+        checkpoint = work / "cells" / name / "model_final.pth"
+        cfg = bench.cell_config(s, datasets, "d", 2, 0, checkpoint, work / "cells" / name)
+        model = Trainer.build_model(cfg)
+        EvalNormCheckpointer(model).load(str(checkpoint))
+        stem = model.backbone.stem.conv1.norm
+        ema = stem.running_mean.clone()
+        seen = []
+        stem.register_forward_hook(lambda m, i, o: seen.append((i[0].shape[0], m.mode)))
+        bench.test_groups(cfg, model)
+    num_test = len(DatasetCatalog.get(datasets[1]))
+    assert [n for n, _ in seen] == [2] * (num_test // 2) and {m for _, m in seen} == {"batch"}
+    assert stem.mode == "en" and torch.equal(stem.running_mean, ema)
