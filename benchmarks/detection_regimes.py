@@ -26,8 +26,8 @@ same weights are then evaluated on the test split (digit samples never trained o
 of train-split digits rendered with a seed of its own: neither training nor test images),
 PreciseBN (population statistics over every normalization group), PreciseBN + EN offline, head
 batch statistics (Wu and Johnson), and as a reference "test groups of N": the test images in
-batches of N, each normalized by its own batch's statistics, as training normalizes (what EN
-approximates one image at a time). Cells recorded before that row existed get it on a rerun,
+batches of N, the backbone normalized by each batch's own statistics as in training (what EN
+approximates one image at a time), the ROI heads by their EMA. Cells recorded before that row existed get it on a rerun,
 from their saved checkpoint.
 
 Headline: regime (d) at 2 images, the share of the EMA gap that EN recovers,
@@ -596,15 +596,17 @@ def example_weighing(cfg, model, selection, weights):
 
 
 def test_groups(cfg, model):
-    """COCO results on the test dataset with every norm on the statistics of its test batch,
-    batches of N = ``MODEL.EVALNORM.NORM_BATCH_SIZE`` images in dataset order (the last one
-    smaller where N does not divide the test set): the normalization training computes, which
-    EN approximates one image at a time. A reference, not a way to deploy."""
+    """COCO results on the test dataset with every backbone norm on the statistics of its test
+    batch, batches of N = ``MODEL.EVALNORM.NORM_BATCH_SIZE`` images in dataset order (the last
+    one smaller where N does not divide the test set), and the ROI heads on their EMA: the
+    backbone normalization training computes, which EN approximates one image at a time. (The
+    heads trained on sampled ROIs, which a test batch does not reproduce: "head batch
+    statistics" measures that.) A reference, not a way to deploy."""
     test = cfg.DATASETS.TEST[0]
     mapper = DatasetMapper(cfg, is_train=False, augmentations=build_augmentation(cfg, False))
     n = cfg.MODEL.EVALNORM.NORM_BATCH_SIZE
     loader = build_detection_test_loader(cfg, test, mapper=mapper, batch_size=n)
-    with evalnorm_mode(model, "batch"):
+    with evalnorm_mode(model, "ema"), evalnorm_mode(model.backbone, "batch"):
         return Trainer._evaluate_mode(cfg, model, test, loader, "test_groups")
 
 
@@ -1067,7 +1069,8 @@ def write_report(args, s, out, cells, where, start, failed=(), final=False):
         f"{list(s.example_weights)} on {s.num_select} selection images), PreciseBN "
         f"({s.precise_bn_iters} batches of N images; it changes nothing where training "
         "normalizes with frozen statistics), PreciseBN + EN offline, head batch statistics, and test groups of N (the test "
-        "images in batches of N normalized by their batch's statistics, as in training). "
+        "images in batches of N, the backbone normalized by their batch's statistics as in "
+        "training, the ROI heads by their EMA). "
         "'.': not run; '-': no finite detection (COCO AP undefined) or a diverged cell."
     )
     standin_path = out / "standin.json"

@@ -509,7 +509,8 @@ def test_layer_gaps_of_a_smoke_cell(smoke, tmp_path):
 
 
 def test_test_groups_normalize_each_test_batch_and_complete_older_cells(smoke):
-    """The "test groups of N" row: every norm on its test batch of N images, the EMA untouched;
+    """The "test groups of N" row: the backbone's norms on their test batch of N images, the
+    heads' on their EMA, the EMA untouched;
     a cell recorded without the row gets the same numbers from its saved checkpoint."""
     _, out, _, cells = smoke
     name = bench.cell_name("d", 2, 0)
@@ -527,11 +528,13 @@ def test_test_groups_normalize_each_test_batch_and_complete_older_cells(smoke):
         cfg = bench.cell_config(s, datasets, "d", 2, 0, checkpoint, work / "cells" / name)
         model = Trainer.build_model(cfg)
         EvalNormCheckpointer(model).load(str(checkpoint))
-        stem = model.backbone.stem.conv1.norm
+        stem, head = model.backbone.stem.conv1.norm, model.roi_heads.res5[0].conv1.norm
         ema = stem.running_mean.clone()
-        seen = []
+        seen, head_modes = [], set()
         stem.register_forward_hook(lambda m, i, o: seen.append((i[0].shape[0], m.mode)))
+        head.register_forward_hook(lambda m, i, o: head_modes.add(m.mode))
         bench.test_groups(cfg, model)
     num_test = len(DatasetCatalog.get(datasets[1]))
     assert [n for n, _ in seen] == [2] * (num_test // 2) and {m for _, m in seen} == {"batch"}
-    assert stem.mode == "en" and torch.equal(stem.running_mean, ema)
+    assert head_modes == {"ema"}
+    assert stem.mode == head.mode == "en" and torch.equal(stem.running_mean, ema)
