@@ -45,7 +45,7 @@ Each task has its own data, stand-in, folders and settings; the "photo" stand-in
 Each cell's result is written to ``--output-dir``/cells/<cell>.json as soon as it is done,
 with ``results.json`` and ``results.md`` (means and spread over seeds) rewritten after each
 cell; a rerun with the same settings skips the finished cells, other settings are refused
-unless ``--overwrite``. Checkpoints, logs and the stand-in go to ``--work-dir`` (default
+unless ``--overwrite``; ``--report-only`` rewrites both from every cell in the output dir. Checkpoints, logs and the stand-in go to ``--work-dir`` (default
 output/benchmarks/detection_regimes/<mode>/work), never to the output dir. Modes:
 
 - smoke (CI): 32 px, 2 iterations per cell, every regime at N = 2 and 8: its numbers mean
@@ -948,6 +948,11 @@ def argument_parser():
         "--seed", type=int, nargs="+", help="these seeds for every selected (regime, N)"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: unchanged)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite results.json and results.md from every cell in the output dir; no training",
+    )
     return parser
 
 
@@ -993,13 +998,18 @@ def prepare_dirs(out, work, s, args):
 
 
 def main(argv=None):
-    args = argument_parser().parse_args(argv)
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    if args.report_only and args.overwrite:
+        parser.error("--report-only reads the cells that --overwrite would delete: pass one")
     args.argv = sys.argv[1:] if argv is None else list(argv)
     s = settings_from_args(args)
     default = Path(f"output/benchmarks/detection_regimes/{args.mode}{task_suffix(s)}")
     out = Path(args.output_dir) if args.output_dir else default
     work = Path(args.work_dir) if args.work_dir else default / "work"
     prepare_dirs(out, work, s, args)
+    if args.report_only:
+        return report_only(args, s, out)
     if args.threads:
         torch.set_num_threads(args.threads)
     with _logging_to(work / "log.txt"):
@@ -1046,6 +1056,20 @@ def run(args, s, out, work):
         cells.append(cell)
         write_report(args, s, out, cells, where, start, failed)
     return write_report(args, s, out, cells, where, start, failed, final=True)
+
+
+def report_only(args, s, out):
+    """``results.json`` and ``results.md`` of every cell in ``out``/cells (in the full mode's
+    order), as a run that finished them would write."""
+    order = {cell: i for i, cell in enumerate(FULL_CELLS)}
+    cells = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+    for cell in cells:
+        if cell.get("settings") != s.fingerprint():
+            raise FileExistsError(f"{out}/cells/{cell['name']}.json: other settings")
+    cells.sort(key=lambda c: order.get((c["regime"], c["images_per_gpu"], c["seed"]), len(order)))
+    if not cells:
+        raise SystemExit(f"error: no cell in {out / 'cells'} to report")
+    return write_report(args, s, out, cells, machine(s.device), time.perf_counter(), final=True)
 
 
 def write_report(args, s, out, cells, where, start, failed=(), final=False):

@@ -538,3 +538,22 @@ def test_test_groups_normalize_each_test_batch_and_complete_older_cells(smoke):
     assert [n for n, _ in seen] == [2] * (num_test // 2) and {m for _, m in seen} == {"batch"}
     assert head_modes == {"ema"}
     assert stem.mode == head.mode == "en" and torch.equal(stem.running_mean, ema)
+
+
+def test_report_only_rewrites_the_tables_from_every_cell(smoke, tmp_path):
+    """--report-only reports every cell in the output dir, whatever selection produced them,
+    and trains nothing."""
+    report, out, _, cells = smoke
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(out.parent, copy_dir)
+    (copy_dir / "out" / "results.md").unlink()
+    argv = ["--mode", "smoke", "--output-dir", str(copy_dir / "out"), "--report-only"]
+    argv += ["--work-dir", str(tmp_path / "no_work"), "--regimes", "a"]
+    with _datasets(copy_dir / "datasets"):
+        again = bench.main(argv)
+    assert again["table"] == json.loads(json.dumps(report["table"]))
+    assert sorted(again["cells"]) == sorted(cells) and again["complete"]
+    assert (copy_dir / "out" / "results.md").is_file()
+    assert not (tmp_path / "no_work" / "cells").exists()  # nothing trained
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--overwrite"])
