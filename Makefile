@@ -31,11 +31,7 @@ demo: setup
 
 # A BN detector trained at 2 images per batch, then rescued: the same weights in every test mode.
 BN_DEMO := output/demo_bn_digits_2img
-rescue-# On a machine with CUDA: the CUDA tests, the overhead benchmark on CUDA and a short AMP run.
-gpu-check: setup
-	$(PY) benchmarks/gpu_check.py
-
-demo: setup
+rescue-demo: setup
 	test -f $(BN_DEMO)/model_final.pth || $(PY) tools/train_net.py --config demo/bn_digits_2img.yaml
 	$(PY) tools/train_net.py --config demo/bn_digits_2img.yaml --eval-only \
 		MODEL.WEIGHTS $(BN_DEMO)/model_final.pth TEST.EVALNORM_MODES "['all']" \

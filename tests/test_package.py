@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from detectron2.layers import FrozenBatchNorm2d
@@ -68,3 +69,13 @@ def test_missing_detectron2_says_how_to_install():
     assert (
         "needs detectron2" in out and "make setup" in out and "facebookresearch/detectron2" in out
     )
+
+
+@pytest.mark.parametrize("target", ["setup", "test", "demo", "rescue-demo", "gpu-check", "clean"])
+def test_make_targets_parse(target):
+    # `make -n` prints the recipe without running it: a broken Makefile fails here, not in CI.
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["make", "-n", "-C", str(root), target], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
