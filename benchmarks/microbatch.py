@@ -33,8 +33,9 @@ trained for ``--check-steps-factor`` times the steps).
 
 Both real modes train 3000 SGD steps per run: at 1500 steps the B = 2 models were still far
 from converged (their error halved from 1500 to 3000 steps). Quick mode leaves out B = 4..64,
-seeds 1 and 2 and the convergence check; it takes about 22 min per cell with one thread
-(measured: 1300 s for B = 2 at 3000 steps, the other core busy), about 15 with two. Full mode
+seeds 1 and 2 and the convergence check; it takes about 20 min per cell with one thread
+(measured: 1137-1300 s per 3000-step cell, the other core busy), so about 40 min in all: over
+half an hour. With two threads it should be shorter (not measured). Full mode
 is 21 cells of 3000 steps plus two of 6000 (B = 2 and 128, seed 0): about 9 hours on one
 thread, to be run in the background and resumed as often as needed.
 
