@@ -2,9 +2,9 @@
 """Table 2 of the paper in miniature: the detection transfer regimes x {2, 4, 8} images per GPU
 on the bundled digits at 128 px (res4 8x8), each model evaluated with EMA, EN and peer rows.
 
-Regimes (configs/regimes, the README's Configs table): (a) scratch; (b) "ImageNet" convolutions, BN reset
-(MODEL.EVALNORM.RESET_NORM) and trained; (c) "ImageNet" convolutions trained, BN frozen
-(FrozenEN), in the three readings of MODEL.EVALNORM.FROZEN_EN: "c" = batch_target (frozen
+Regimes (configs/regimes, the README's Configs table): (a) scratch; (b) "ImageNet"
+convolutions, BN reset (MODEL.EVALNORM.RESET_NORM) and trained; (c) "ImageNet" convolutions
+trained, BN frozen (FrozenEN), in the three readings of MODEL.EVALNORM.FROZEN_EN: "c" = batch_target (frozen
 statistics in training, EN estimated against the batch-normalized target), "c_frozen_target"
 = (i) (EN estimated against the frozen normalization training produced), "c_batch_stats" =
 (ii) (batch statistics in training, EMA and affine frozen); (d) "ImageNet" convolutions and BN
@@ -27,8 +27,8 @@ of train-split digits rendered with a seed of its own: neither training nor test
 PreciseBN (population statistics over every normalization group), PreciseBN + EN offline, head
 batch statistics (Wu and Johnson), and as a reference "test groups of N": the test images in
 batches of N, the backbone normalized by each batch's own statistics as in training (what EN
-approximates one image at a time), the ROI heads by their EMA. Cells recorded before that row existed get it on a rerun,
-from their saved checkpoint.
+approximates one image at a time), the ROI heads by their EMA. Cells recorded before that row
+existed get it on a rerun, from their saved checkpoint.
 
 Headline: regime (d) at 2 images, the share of the EMA gap that EN recovers,
 (EN@2 - EMA@2) / (EMA@8 - EMA@2) in AP, per seed and of the means; the paper's is 78%.
@@ -45,7 +45,8 @@ Each task has its own data, stand-in, folders and settings; the "photo" stand-in
 Each cell's result is written to ``--output-dir``/cells/<cell>.json as soon as it is done,
 with ``results.json`` and ``results.md`` (means and spread over seeds) rewritten after each
 cell; a rerun with the same settings skips the finished cells, other settings are refused
-unless ``--overwrite``; ``--report-only`` rewrites both from every cell in the output dir. Checkpoints, logs and the stand-in go to ``--work-dir`` (default
+unless ``--overwrite``; ``--report-only`` rewrites both from every cell in the output dir.
+Checkpoints, logs and the stand-in go to ``--work-dir`` (default
 output/benchmarks/detection_regimes/<mode>/work), never to the output dir. Modes:
 
 - smoke (CI): 32 px, 2 iterations per cell, every regime at N = 2 and 8: its numbers mean
@@ -81,12 +82,7 @@ import numpy as np
 import torch
 import torchvision
 from common import machine, resumable_output_dir  # benchmarks/, beside this file
-from detectron2.data import (
-    DatasetCatalog,
-    DatasetMapper,
-    MetadataCatalog,
-    build_detection_test_loader,
-)
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.utils.env import seed_all_rng
 from torch import nn
@@ -103,7 +99,6 @@ from evalnorm_det.data.digits import (
 )
 from evalnorm_det.engine.defaults import setup_cfg
 from evalnorm_det.engine.evaluation import fixed_coefficients
-from evalnorm_det.engine.trainer import build_augmentation
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "benchmarks" / "detection_regimes.yaml"
@@ -603,9 +598,7 @@ def test_groups(cfg, model):
     heads trained on sampled ROIs, which a test batch does not reproduce: "head batch
     statistics" measures that.) A reference, not a way to deploy."""
     test = cfg.DATASETS.TEST[0]
-    mapper = DatasetMapper(cfg, is_train=False, augmentations=build_augmentation(cfg, False))
-    n = cfg.MODEL.EVALNORM.NORM_BATCH_SIZE
-    loader = build_detection_test_loader(cfg, test, mapper=mapper, batch_size=n)
+    loader = Trainer.build_test_loader(cfg, test, batch_size=cfg.MODEL.EVALNORM.NORM_BATCH_SIZE)
     with evalnorm_mode(model, "ema"), evalnorm_mode(model.backbone, "batch"):
         return Trainer._evaluate_mode(cfg, model, test, loader, "test_groups")
 
@@ -1078,7 +1071,8 @@ def write_report(args, s, out, cells, where, start, failed=(), final=False):
     images = sorted({c["images_per_gpu"] for c in cells})
     seeds = sorted({c["seed"] for c in cells})
     title = (
-        f"{s.num_val} test images ({s.task}): COCO box AP (%), {s.image_size} px, {IMS_PER_BATCH} images "
+        f"{s.num_val} test images ({s.task}): COCO box AP (%), {s.image_size} px, "
+        f"{IMS_PER_BATCH} images "
         f"per SGD step normalized in groups of N (one process = {IMS_PER_BATCH}/N GPUs x N "
         f"images), {s.iters} iterations, seeds {seeds} (mean±std where more than one)"
     )
@@ -1092,7 +1086,8 @@ def write_report(args, s, out, cells, where, start, failed=(), final=False):
         "(one alpha = beta for the network, chosen among "
         f"{list(s.example_weights)} on {s.num_select} selection images), PreciseBN "
         f"({s.precise_bn_iters} batches of N images; it changes nothing where training "
-        "normalizes with frozen statistics), PreciseBN + EN offline, head batch statistics, and test groups of N (the test "
+        "normalizes with frozen statistics), PreciseBN + EN offline, head batch statistics, "
+        "and test groups of N (the test "
         "images in batches of N, the backbone normalized by their batch's statistics as in "
         "training, the ROI heads by their EMA). "
         "'.': not run; '-': no finite detection (COCO AP undefined) or a diverged cell."

@@ -129,10 +129,14 @@ class Trainer(DefaultTrainer):
         return loader
 
     @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
+    def build_test_loader(cls, cfg, dataset_name, batch_size=1):
+        """detectron2's test loader with the project's test-time resizing; ``batch_size``
+        images per batch (detectron2 tests one at a time)."""
         mapper = DatasetMapper(cfg, is_train=False, augmentations=build_augmentation(cfg, False))
         with naming_missing_data((dataset_name,), "DATASETS.TEST"):
-            return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+            return build_detection_test_loader(
+                cfg, dataset_name, mapper=mapper, batch_size=batch_size
+            )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
