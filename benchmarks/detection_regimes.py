@@ -4,8 +4,9 @@ on the bundled digits at 128 px (res4 8x8), each model evaluated with EMA, EN an
 
 Regimes (configs/regimes, the README's Configs table): (a) scratch; (b) "ImageNet"
 convolutions, BN reset (MODEL.EVALNORM.RESET_NORM) and trained; (c) "ImageNet" convolutions
-trained, BN frozen (FrozenEN), in the three readings of MODEL.EVALNORM.FROZEN_EN: "c" = batch_target (frozen
-statistics in training, EN estimated against the batch-normalized target), "c_frozen_target"
+trained, BN frozen (FrozenEN), in the three readings of MODEL.EVALNORM.FROZEN_EN: "c" =
+batch_target (frozen statistics in training, EN estimated against the batch-normalized
+target), "c_frozen_target"
 = (i) (EN estimated against the frozen normalization training produced), "c_batch_stats" =
 (ii) (batch statistics in training, EMA and affine frozen); (d) "ImageNet" convolutions and BN
 fine-tuned. "ImageNet" is a stand-in the benchmark pre-trains itself: a ResNet-50 at the
