@@ -28,29 +28,33 @@ over seeds, the test-error curve of the curve runs, and a convergence check (the
 trained for ``--check-steps-factor`` times the steps).
 
     python benchmarks/microbatch.py --mode smoke   # CI: ~20 s, numbers mean nothing
-    python benchmarks/microbatch.py --threads 2    # quick: seed 0, B = 2 and 128
+    python benchmarks/microbatch.py                # quick: seed 0, B = 2 and 128
     python benchmarks/microbatch.py --mode full    # 3 seeds x 7 B's + convergence check
 
 Both real modes train 3000 SGD steps per run: at 1500 steps the B = 2 models were still far
-from converged (their error halved from 1500 to 3000 steps). Quick mode leaves out B = 4..64,
-seeds 1 and 2 and the convergence check; it takes about 20 min per cell with one thread
-(measured: 1137-1300 s per 3000-step cell, the other core busy), so about 40 min in all: over
-half an hour. With two threads it should be shorter (not measured). Full mode
-is 21 cells of 3000 steps plus two of 6000 (B = 2 and 128, seed 0): about 9 hours on one
-thread, to be run in the background and resumed as often as needed.
+from converged (their error halved from 1500 to 3000 steps). Cells run side by side in
+``--jobs`` processes (default: one per CPU) of ``--threads`` torch threads (default 1). A cell
+took 1137-1300 s on one thread of a 2-core machine whose other core ran another job, so quick
+mode (2 cells; it leaves out B = 4..64, seeds 1 and 2 and the convergence check) takes about
+22 min on 2 cores (estimated from those cells, not timed end to end), and full mode (21 cells
+of 3000 steps plus two of 6000: B = 2 and 128, seed 0) about 4.5 hours on 2 cores, to be run in
+the background and resumed as often as needed.
 
 Every run ("cell") is written to ``cells/`` in ``--output-dir`` as soon as it is done; running
 the same command again resumes, skipping finished cells (other settings are refused unless
 ``--overwrite``). ``results.json``, ``results.md`` and the plots are rewritten from all cells
-after each one. ``--threads`` (default 1) is passed to ``torch.set_num_threads``; a run is
-deterministic for a given thread count and machine.
+after each one. A cell is deterministic for a given thread count and machine, whichever
+process runs it.
 """
 
 import argparse
 import copy
 import json
 import math
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +92,7 @@ EVALUATIONS = {
 PAPER_RECOVERED = (70.98 - 64.80) / (75.98 - 64.80)
 PLOTS = ("error_vs_B.png", "alpha_vs_B.png", "curve.png")
 # Settings that do not change what a cell measures: a resumed run may differ in these.
-NOT_MEASURED = ("mode", "output_dir", "overwrite", "threads", "report_only")
+NOT_MEASURED = ("mode", "output_dir", "overwrite", "threads", "jobs", "report_only")
 
 PRESETS = {
     "smoke": {
@@ -107,6 +111,7 @@ PRESETS = {
         "curve_batch_sizes": [2, 128],
         "check_steps_factor": 2,
         "check_batch_sizes": [2],
+        "jobs": 1,
     },
     "quick": {
         "seeds": [0],
@@ -124,6 +129,7 @@ PRESETS = {
         "curve_batch_sizes": [2, 128],
         "check_steps_factor": 2,
         "check_batch_sizes": [],
+        "jobs": os.cpu_count() or 1,
     },
 }
 PRESETS["full"] = dict(
@@ -806,6 +812,12 @@ def parse_args(argv=None):
         "--check-batch-sizes", type=int, nargs="*", help="... for these B's, first seed"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="cells trained at once, each in its own process (default: 1 in smoke mode, else "
+        "the machine's CPU count)",
+    )
     parser.add_argument("--output-dir", help="default output/benchmarks/microbatch/<mode>")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run")
     parser.add_argument(
@@ -829,6 +841,8 @@ def parse_args(argv=None):
                 f"--{key}-digits x --{key}-copies = {images} must be a multiple of "
                 f"--sgd-batch-size {args.sgd_batch_size} (test groups of every B)"
             )
+    if args.jobs < 1 or args.threads < 1:
+        parser.error(f"--jobs and --threads must be at least 1: got {args.jobs}, {args.threads}")
     if args.report_only and args.overwrite:
         parser.error("--report-only reads the cells that --overwrite would delete: pass one")
     if not set(args.check_batch_sizes) <= set(args.batch_sizes):
@@ -852,24 +866,25 @@ def _run(args, output_dir, cells_dir):
     wall_start = time.perf_counter()
     where = machine("cpu")
     planned = planned_cells(args)
-    cells, data = [], {}
+    cells, todo = [], []
     for seed, b, steps, curve in planned:
         path = cells_dir / cell_name(seed, b, steps)
         if path.exists():
             cells.append(json.loads(path.read_text()))
-            continue
-        if args.report_only:
-            continue
-        if seed not in data:
-            data[seed] = make_data(seed, args)
-        result = run_cell(data[seed], b, steps, args, curve)
+        elif not args.report_only:
+            todo.append((seed, b, steps, curve))
+    order = [cell_name(s, b, n) for s, b, n, _ in planned]
+    for result in measure(todo, args):
         result["machine"] = where
+        path = cells_dir / cell_name(result["seed"], result["B"], result["steps"])
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(path)  # a cell is there whole or not at all
         cells.append(json.loads(path.read_text()))
+        cells.sort(key=lambda c: order.index(cell_name(c["seed"], c["B"], c["steps"])))
         print(
-            f"seed {seed}  B={b:<3d} {steps} steps: {result['total_seconds']:.0f} s  "
+            f"seed {result['seed']}  B={result['B']:<3d} {result['steps']} steps: "
+            f"{result['total_seconds']:.0f} s  "
             + "  ".join(f"{k} {v:.2f}" for k, v in result["errors"].items()),
             flush=True,
         )
@@ -877,10 +892,46 @@ def _run(args, output_dir, cells_dir):
     results, text = report(
         cells, args, where, output_dir, planned, time.perf_counter() - wall_start
     )
-    text += f"\n{len(cells)} of {len(planned)} cells; this invocation: {time.perf_counter() - wall_start:.0f} s wall, {args.threads} thread(s).\n"
+    text += (
+        f"\n{len(cells)} of {len(planned)} cells; this invocation: "
+        f"{time.perf_counter() - wall_start:.0f} s wall, {args.jobs} job(s) of "
+        f"{args.threads} thread(s).\n"
+    )
     print("\n" + text, end="")
     print(f"Wrote results.json, results.md and {', '.join(PLOTS)} to {output_dir}")
     return results
+
+
+_DATA = {}  # seed -> DigitScenes, kept for the next cell of the same seed in this process
+
+
+def measure_cell(seed, b, steps, curve, args):
+    """``run_cell`` for one planned cell, its seed's data made once per process."""
+    if seed not in _DATA:
+        _DATA[seed] = make_data(seed, args)
+    return run_cell(_DATA[seed], b, steps, args, curve)
+
+
+def measure(todo, args):
+    """Yield the result of each (seed, B, steps, curve) in ``todo``: in order in this process
+    with ``--jobs 1``, else as they finish in ``--jobs`` worker processes of ``--threads``
+    threads each (a cell's numbers do not depend on the process it runs in)."""
+    if args.jobs == 1 or len(todo) <= 1:
+        for cell_ in todo:
+            yield measure_cell(*cell_, args)
+        return
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+    with ProcessPoolExecutor(
+        min(args.jobs, len(todo)), context, torch.set_num_threads, (args.threads,)
+    ) as pool:
+        futures = [pool.submit(measure_cell, *cell_, args) for cell_ in todo]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 if __name__ == "__main__":

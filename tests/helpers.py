@@ -99,13 +99,15 @@ def class_images(n, size=12, num_classes=4, seed=0):
 
 
 def load_script(path):
-    """Imports the script at ``path`` (a tool or a benchmark) as a module named after its file;
-    its folder goes on ``sys.path`` first, for the modules it imports from beside it."""
+    """Imports the script at ``path`` (a tool or a benchmark) as a module named after its file,
+    registered in ``sys.modules`` (so that its functions pickle, for worker processes); its
+    folder goes on ``sys.path`` first, for the modules it imports from beside it."""
     folder = str(path.parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
     spec.loader.exec_module(module)
     return module
 

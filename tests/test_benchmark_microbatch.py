@@ -301,6 +301,24 @@ def test_results_files_resume_and_refusal(smoke, tmp_path):
     assert {p.name: p.read_bytes() for p in (output_dir / "cells").glob("*.json")} == cells
 
 
+def test_cells_run_in_worker_processes_give_the_same_numbers(smoke, tmp_path):
+    _, results, _ = smoke
+    stdout, parallel = run_smoke(tmp_path / "out", "--jobs", "2")
+    assert "2 job(s) of 1 thread(s)" in stdout
+
+    def measured(cells):
+        drop = ("train_seconds", "total_seconds", "machine")
+        return sorted(
+            ({k: v for k, v in c.items() if k not in drop} for c in cells),
+            key=lambda c: (c["seed"], c["B"], c["steps"]),
+        )
+
+    assert measured(parallel["cells"]) == measured(results["cells"])
+    assert [(c["B"], c["steps"]) for c in parallel["cells"]] == [
+        (c["B"], c["steps"]) for c in results["cells"]
+    ]  # in the planned order, whichever finished first
+
+
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     out = tmp_path / "out"
     calls = []
