@@ -418,14 +418,23 @@ def summarize(cells, batch_sizes):
 
 def gap_report(errors, small):
     """The EMA gap at B = ``small`` and the share each evaluation recovers: from the means over
-    seeds, and seed by seed (each seed against its own error at the best B, the B with the
-    lowest mean EMA error), with a 95% interval over seeds. Only seeds present at both B's."""
-    best = min(errors, key=lambda b: errors[b]["ema"]["mean"])
-    seeds = sorted(set(errors[small]["ema"]["seeds"]) & set(errors[best]["ema"]["seeds"]))
+    seeds, and seed by seed (each seed against its own error at the best B), with a 95% interval
+    over seeds. Only seeds present at both B's. The best B is the one with the lowest mean EMA
+    error over those seeds among the B's run for the most of ``small``'s seeds, so that a B
+    with fewer seeds done cannot set the gap."""
 
     def by_seed(b, key):
         return dict(zip(errors[b][key]["seeds"], errors[b][key]["values"]))
 
+    def shared(b):
+        return sorted(set(errors[small]["ema"]["seeds"]) & set(errors[b]["ema"]["seeds"]))
+
+    def rank(b):
+        seeds_b = shared(b)
+        return -len(seeds_b), float(np.mean([by_seed(b, "ema")[s] for s in seeds_b]))
+
+    best = min((b for b in errors if b != small), key=rank)
+    seeds = shared(best)
     ema_small, ema_best = by_seed(small, "ema"), by_seed(best, "ema")
     mean_small = float(np.mean([ema_small[s] for s in seeds]))
     mean_best = float(np.mean([ema_best[s] for s in seeds]))

@@ -263,6 +263,14 @@ def test_gap_formula_and_interval():
     assert report["recovered"]["simple"] == pytest.approx(0.0)
     assert report["per_seed"]["en_online"] == pytest.approx([7 / 11, 7 / 11])
     assert report["per_seed"]["simple"] == pytest.approx([0.0, 0.0])
+    # A B run for fewer seeds cannot set the gap, however low its error.
+    errors[16] = {k: {"values": [1.0], "seeds": [0], "mean": 1.0} for k in microbatch.EVALUATIONS}
+    assert microbatch.gap_report(errors, 2)["best_B"] == 8
+    # Among B's with the most seeds in common with B = 2, the mean over those seeds decides.
+    del errors[8], errors[4], errors[128]
+    report = microbatch.gap_report(errors, 2)
+    assert report["best_B"] == 16 and report["seeds"] == [0]
+    assert report["gap"] == pytest.approx(18.0)
     # Student-t interval: mean +- t(0.975, n-1) * s / sqrt(n).
     iv = microbatch.interval([0.5, 0.7, 0.9])
     half = 4.302652729911275 * 0.2 / np.sqrt(3)
