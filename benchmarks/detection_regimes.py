@@ -1022,7 +1022,7 @@ def run(args, s, out, work):
     )
     datasets = register_datasets(args.mode, s)
     weights = None
-    cells, failed = [], []
+    failed = []
     for regime, n, seed in s.cells:
         path = out / "cells" / f"{cell_name(regime, n, seed)}.json"
         if path.exists():
@@ -1032,8 +1032,7 @@ def run(args, s, out, work):
             print(f"  {cell['name']}: done earlier, skipped", flush=True)
             if add_test_groups(s, datasets, cell, work):
                 path.write_text(json.dumps(cell, indent=1))
-                write_report(args, s, out, cells + [cell], where, start, failed)
-            cells.append(cell)
+                write_report(args, s, out, cells_done(s, out), where, start, failed)
             continue
         if regime != "a" and weights is None:
             weights, _ = prepare_standin(s, out, work, args.threads)
@@ -1046,28 +1045,37 @@ def run(args, s, out, work):
             failed.append(name)
             continue
         cell["settings"] = s.fingerprint()
-        path.write_text(json.dumps(cell, indent=1))
-        cells.append(cell)
-        write_report(args, s, out, cells, where, start, failed)
-    return write_report(args, s, out, cells, where, start, failed, final=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cell, indent=1))
+        tmp.replace(path)  # a cell is there whole or not at all
+        write_report(args, s, out, cells_done(s, out), where, start, failed)
+    return write_report(args, s, out, cells_done(s, out), where, start, failed, final=True)
 
 
-def report_only(args, s, out):
-    """``results.json`` and ``results.md`` of every cell in ``out``/cells (in the full mode's
-    order), as a run that finished them would write."""
+def cells_done(s, out):
+    """Every cell in ``out``/cells, whichever run measured it, in the full mode's order."""
     order = {cell: i for i, cell in enumerate(FULL_CELLS)}
     cells = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
     for cell in cells:
         if cell.get("settings") != s.fingerprint():
             raise FileExistsError(f"{out}/cells/{cell['name']}.json: other settings")
     cells.sort(key=lambda c: order.get((c["regime"], c["images_per_gpu"], c["seed"]), len(order)))
+    return cells
+
+
+def report_only(args, s, out):
+    """``results.json`` and ``results.md`` of every cell in ``out``/cells, as a run that
+    finished them would write."""
+    cells = cells_done(s, out)
     if not cells:
         raise SystemExit(f"error: no cell in {out / 'cells'} to report")
     return write_report(args, s, out, cells, machine(s.device), time.perf_counter(), final=True)
 
 
 def write_report(args, s, out, cells, where, start, failed=(), final=False):
-    """``results.json`` and ``results.md`` of ``cells`` (printed too when ``final``)."""
+    """``results.json`` and ``results.md`` of ``cells``, every cell in the output dir, so that
+    runs of disjoint selections (``--regimes``, ``--images-per-gpu``, ``--seed``) can share it
+    side by side (printed too when ``final``)."""
     table = mean_table(cells)
     images = sorted({c["images_per_gpu"] for c in cells})
     seeds = sorted({c["seed"] for c in cells})

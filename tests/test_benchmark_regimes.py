@@ -401,6 +401,20 @@ def test_resumes_and_refuses_other_settings(smoke, tmp_path):
     assert "skipped" not in printed and report["settings"]["iters"] == 1
 
 
+def test_a_selection_reports_every_cell_in_the_output_dir(smoke, tmp_path):
+    """Runs of disjoint selections share one output dir: each writes the tables of every cell
+    there, not only of those it measured."""
+    _, out, _, cells = smoke
+    copy = tmp_path / "copy"
+    shutil.copytree(out.parent, copy)
+    (copy / "out" / "cells" / "a_2img_seed0.json").unlink()
+    report, printed = _run(copy, "--regimes", "a", "--images-per-gpu", "2")
+    assert "skipped" not in printed  # the selection is one cell, measured anew
+    assert sorted(report["cells"]) == sorted(cells)
+    assert json.loads((copy / "out" / "results.json").read_text())["cells"] == report["cells"]
+    assert not list((copy / "out" / "cells").glob("*.tmp"))
+
+
 def test_cell_order_and_modes():
     """The full mode runs the cells that matter first; quick is a subset of full's settings
     but for iterations, data and stand-in; every cell's name is unique."""
