@@ -424,10 +424,11 @@ def test_cell_order_and_modes():
         ("a", 2, 0),
         ("a", 8, 0),
     )
-    assert len(full) == len(set(full)) == 24
+    assert len(full) == len(set(full)) == 26
     assert {(r, n) for r, n, s in full if s == 0} >= {(r, n) for r in "abcd" for n in (2, 4, 8)}
     assert {s for r, _, s in full if r == "d"} == {0, 1, 2}
     assert {(n, s) for r, n, s in full if r == "c"} >= {(2, 1), (8, 1)}
+    assert {(n, s) for r, n, s in full if r == "c_frozen_target"} >= {(2, 1), (8, 1)}
     assert set(bench.MODES["quick"].cells) < set(full)
     assert bench.MODES["full"].image_size == bench.MODES["quick"].image_size == 128
     assert bench.MODES["quick"].iters * bench.IMS_PER_BATCH >= 1600 * 2  # the demo's images
