@@ -882,7 +882,7 @@ def _run(args, output_dir, cells_dir):
             cells.append(json.loads(path.read_text()))
         elif not args.report_only:
             todo.append((seed, b, steps, curve))
-    order = [cell_name(s, b, n) for s, b, n, _ in planned]
+    order = {cell_name(s, b, n): i for i, (s, b, n, _) in enumerate(planned)}
     for result in measure(todo, args):
         result["machine"] = where
         path = cells_dir / cell_name(result["seed"], result["B"], result["steps"])
@@ -890,7 +890,7 @@ def _run(args, output_dir, cells_dir):
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(path)  # a cell is there whole or not at all
         cells.append(json.loads(path.read_text()))
-        cells.sort(key=lambda c: order.index(cell_name(c["seed"], c["B"], c["steps"])))
+        cells.sort(key=lambda c: order[cell_name(c["seed"], c["B"], c["steps"])])
         print(
             f"seed {result['seed']}  B={result['B']:<3d} {result['steps']} steps: "
             f"{result['total_seconds']:.0f} s  "
@@ -938,8 +938,7 @@ def measure(todo, args):
             for future in as_completed(futures):
                 yield future.result()
         except BaseException:
-            for future in futures:
-                future.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
 
 
