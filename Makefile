@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.evalnorm-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup test gpu-check demo rescue-demo clean
+.PHONY: setup test test-fast lint gpu-check demo rescue-demo clean
 
 setup: $(STAMP)
 
@@ -15,16 +15,24 @@ $(STAMP): pyproject.toml constraints.txt tools/install_detectron2.sh
 	$(PY) -m pip install -q --upgrade pip wheel -c constraints.txt setuptools
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
 	bash tools/install_detectron2.sh $(PY)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[detection,dev]"
 	$(PY) -c "import evalnorm_det, torchvision.ops; print('evalnorm_det ready:', evalnorm_det.__file__)"
 	touch $@
 
-test: setup
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The torch-only core (layers, estimation, conversion): seconds.
+test-fast: setup
+	$(PY) -m pytest -m "not slow" tests/core $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # On a machine with CUDA: the CUDA tests, the overhead benchmark on CUDA and a short AMP run.
 gpu-check: setup
-	$(PY) benchmarks/gpu_check.py
+	$(PY) -m benchmarks.gpu_check
 
 demo: setup
 	$(PY) tools/train_net.py --config demo/evalnorm_digits_2img.yaml
@@ -34,7 +42,7 @@ BN_DEMO := output/demo_bn_digits_2img
 rescue-demo: setup
 	test -f $(BN_DEMO)/model_final.pth || $(PY) tools/train_net.py --config demo/bn_digits_2img.yaml
 	$(PY) tools/train_net.py --config demo/bn_digits_2img.yaml --eval-only \
-		MODEL.WEIGHTS $(BN_DEMO)/model_final.pth TEST.EVALNORM_MODES "['all']" \
+		MODEL.WEIGHTS $(BN_DEMO)/model_final.pth TEST.EVALNORM_ROWS "['all']" \
 		OUTPUT_DIR $(BN_DEMO)/rescue
 
 clean:

@@ -1,5 +1,7 @@
-"""What the benchmarks share: where they were measured, and how their results are written."""
+"""What the benchmarks share: where they were measured, how their results are written, and
+torch's thread count while they run."""
 
+import contextlib
 import json
 import os
 import platform
@@ -8,7 +10,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["machine", "prepare_output_dir", "resumable_output_dir", "write_results"]
+from evalnorm_det.utils.atomic import atomic_write
+
+__all__ = [
+    "machine",
+    "prepare_output_dir",
+    "resumable_output_dir",
+    "torch_threads",
+    "write_cell",
+    "write_results",
+]
 
 RESULTS = ("results.json", "results.md")
 
@@ -109,3 +120,23 @@ def write_results(path, results, table):
         json.dump(results, f, indent=1)
     with open(os.path.join(path, "results.md"), "w") as f:
         f.write(table)
+
+
+@contextlib.contextmanager
+def torch_threads(threads):
+    """Within the block, torch runs on ``threads`` CPU threads (None or 0: unchanged); the count
+    it had before is restored on exit, however the block ends."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads:
+            torch.set_num_threads(before)
+
+
+def write_cell(path, cell):
+    """Write one cell's JSON to ``path`` atomically: a cell is there whole or not at all."""
+    with atomic_write(path, "w") as f:
+        json.dump(cell, f, indent=1)

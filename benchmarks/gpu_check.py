@@ -1,20 +1,19 @@
-#!/usr/bin/env python
 """The GPU check: everything that needs CUDA, in one command, on a machine with a GPU.
 
 1. The CUDA tests (``pytest -m cuda``): the layer against float64 references and
    ``torch.nn.BatchNorm2d`` on CUDA, and training under float16 autocast. A CUDA test that is
    skipped here counts as failed.
-2. ``benchmarks/overhead.py --device cuda``, in float32 and under float16 autocast: training
-   step, peak memory and inference, BN against EN, side by side.
+2. ``python -m benchmarks.overhead --device cuda``, in float32 and under float16 autocast:
+   training step, peak memory and inference, BN against EN, side by side.
 3. ``--iters`` iterations (default 50) of the demo config with ``SOLVER.AMP.ENABLED`` on CUDA,
    then its evaluation: every logged loss and every tensor of the final checkpoint must be
-   finite, and the evaluation must report an AP for each mode (NaN is detectron2's AP of a
+   finite, and the evaluation must report an AP for each row (NaN is detectron2's AP of a
    model with no detections yet, which 50 iterations from scratch can be).
 
-    make gpu-check                               # or: python benchmarks/gpu_check.py
-    python benchmarks/gpu_check.py --overhead-mode quick --output-dir /tmp/gpu_check
+    make gpu-check                               # or: python -m benchmarks.gpu_check
+    python -m benchmarks.gpu_check --overhead-preset quick --output-dir /tmp/gpu_check
 
-Writes each step's log, ``results.json`` and ``results.md`` to ``--output-dir``. Exits 0 when
+(from the repository root). Writes each step's log, ``results.json`` and ``results.md`` to ``--output-dir``. Exits 0 when
 every step passed, 1 when one failed, 2 without CUDA (nothing is run).
 """
 
@@ -29,7 +28,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
-from common import machine, write_results  # benchmarks/, beside this file
+
+from .common import machine, write_results
+from .stats import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = "demo/evalnorm_digits_2img.yaml"
@@ -74,9 +75,9 @@ def check_tests(output_dir, timeout):
     return {"passed": passed, "seconds": seconds, "counts": counts}
 
 
-def check_overhead(output_dir, mode, amp, timeout):
+def check_overhead(output_dir, preset, amp, timeout):
     out = output_dir / f"overhead_{amp}"
-    command = [sys.executable, "benchmarks/overhead.py", "--device", "cuda", "--mode", mode]
+    command = [sys.executable, "-m", "benchmarks.overhead", "--device", "cuda", "--preset", preset]
     command += ["--amp", amp, "--output-dir", str(out), "--overwrite"]
     rc, seconds = run_step(f"overhead_{amp}", command, output_dir, timeout)
     results = out / "results.json"
@@ -138,39 +139,39 @@ def check_training(output_dir, iters, timeout):
 
 def markdown(results):
     machine = results["machine"]
+    steps = [
+        [name, "yes" if step["passed"] else "NO", f"{step['seconds']:.0f}"]
+        for name, step in results["steps"].items()
+    ]
+    fp32, fp16 = (
+        results["steps"].get(f"overhead_{a}", {}).get("ratios", {}) for a in ("none", "fp16")
+    )
+    overhead = [
+        [key] + [f"{r[key]:.3f}" if key in r else "-" for r in (fp32, fp16)] for key in fp32 or fp16
+    ]
+    training = results["steps"]["amp_training"]
     lines = [
         f"GPU check on {machine['device']} (torch {machine['torch']}, CUDA {machine['cuda']}), "
         + f"{results['wall_seconds']:.0f} s in all.",
         "",
-        "| step | passed | seconds |",
-        "|---|---|---|",
-    ]
-    for name, step in results["steps"].items():
-        lines.append(f"| {name} | {'yes' if step['passed'] else 'NO'} | {step['seconds']:.0f} |")
-    lines += ["", "| overhead, EN / BN | float32 | float16 autocast |", "|---|---|---|"]
-    fp32, fp16 = (
-        results["steps"].get(f"overhead_{a}", {}).get("ratios", {}) for a in ("none", "fp16")
-    )
-    for key in fp32 or fp16:
-        cells = [f"{r[key]:.3f}" if key in r else "-" for r in (fp32, fp16)]
-        lines.append(f"| {key} | {cells[0]} | {cells[1]} |")
-    training = results["steps"]["amp_training"]
-    lines += [
+        markdown_table(["step", "passed", "seconds"], steps, "-"),
+        "",
+        markdown_table(["overhead, EN / BN", "float32", "float16 autocast"], overhead, "-"),
         "",
         f"AMP training: {training.get('iterations', 0)} iterations, last total loss "
         + f"{training.get('final_total_loss')}, non-finite: {training.get('nonfinite') or 'none'}.",
         "",
-        "| evaluation | AP |",
-        "|---|---|",
+        markdown_table(
+            ["evaluation", "AP"], [[k, f"{v:.2f}"] for k, v in training.get("AP", {}).items()], "-"
+        ),
     ]
-    lines += [f"| {k} | {v:.2f} |" for k, v in training.get("AP", {}).items()]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="output/benchmarks/gpu_check")
-    parser.add_argument("--overhead-mode", choices=("smoke", "quick", "full"), default="full")
+    parser.add_argument("--overhead-preset", choices=("smoke", "quick", "full"), default="full")
     parser.add_argument("--iters", type=int, default=50, help="AMP training iterations (50)")
     return parser.parse_args(argv)
 
@@ -190,7 +191,7 @@ def main(argv=None):
     steps = {"tests": check_tests(output_dir, TIMEOUTS["tests"])}
     for amp in ("none", "fp16"):
         steps[f"overhead_{amp}"] = check_overhead(
-            output_dir, args.overhead_mode, amp, TIMEOUTS["overhead"]
+            output_dir, args.overhead_preset, amp, TIMEOUTS["overhead"]
         )
     steps["amp_training"] = check_training(output_dir, args.iters, TIMEOUTS["training"])
     results = {

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Per layer, how far EvalNorm's evaluation moves a trained detector from its EMA normalization.
 
-For a cell of ``benchmarks/detection_regimes.py`` (its work folder: ``config.yaml`` and
+For a cell of ``python -m benchmarks.detection_regimes`` (its work folder: ``config.yaml`` and
 ``model_final.pth``), every EvalNorm2d's alpha, beta and the mean absolute difference, over
 the test images, between EN's normalization of the layer's input and the EMA normalization of
 the same input, before the affine:
@@ -13,7 +12,7 @@ on EMA statistics: in regime (c) read as ``batch_target`` or ``frozen_target``, 
 normalization the network trained with, so the gap is how far EN takes each layer from what
 training produced. Writes ``<cell>.json`` and ``layer_gaps.png`` (one bar per layer and cell).
 
-    python benchmarks/layer_gaps.py --mode full \\
+    python -m benchmarks.layer_gaps --preset full \\
         output/benchmarks/detection_regimes/full/work/cells/c_2img_seed0 \\
         output/benchmarks/detection_regimes/full/work/cells/d_2img_seed0 \\
         --output-dir benchmarks/results/detection_regimes/layer_gaps
@@ -24,14 +23,17 @@ import itertools
 import json
 from pathlib import Path
 
-import detection_regimes  # benchmarks/, beside this file
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evalnorm import functional as EF
 from evalnorm_det import EvalNorm2d, EvalNormCheckpointer, Trainer, evalnorm_mode
 from evalnorm_det.engine.defaults import setup_cfg
-from evalnorm_det.layers import functional as EF
+
+from .common import torch_threads
+from .detection_regimes.cells import register_datasets
+from .detection_regimes.settings import PRESETS
 
 
 @torch.no_grad()
@@ -71,10 +73,10 @@ def normalization_gaps(model, batches):
     }
 
 
-def cell_gaps(cell_dir, mode, num_images):
-    """``normalization_gaps`` of a detection_regimes cell on ``num_images`` test images."""
-    s = detection_regimes.MODES[mode]
-    detection_regimes.register_datasets(mode, s)
+def cell_gaps(cell_dir, preset, num_images):
+    """``normalization_gaps`` of a detection_regimes cell (run with ``preset``) on
+    ``num_images`` test images."""
+    register_datasets(preset, PRESETS[preset])
     cfg = setup_cfg(str(Path(cell_dir) / "config.yaml"), training=False, world_size=1)
     model = Trainer.build_model(cfg)
     EvalNormCheckpointer(model).load(str(Path(cell_dir) / "model_final.pth"))
@@ -110,7 +112,12 @@ def main(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("cells", nargs="+", help="cell work folders (config.yaml, model_final.pth)")
-    parser.add_argument("--mode", choices=sorted(detection_regimes.MODES), default="full")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="full",
+        help="the detection_regimes preset the cells were run with (default full)",
+    )
     parser.add_argument("--images", type=int, default=50, help="test images")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--output-dir", required=True)
@@ -121,13 +128,11 @@ def main(argv=None):
                 parser.error(f"{Path(cell) / name} does not exist: a cell's work folder holds it")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         gaps = {}
         for cell in args.cells:
             label = Path(cell).name
-            gaps[label] = cell_gaps(cell, args.mode, args.images)
+            gaps[label] = cell_gaps(cell, args.preset, args.images)
             (out / f"{label}.json").write_text(json.dumps(gaps[label], indent=1))
             values = [v["gap"] for v in gaps[label].values()]
             print(
@@ -136,8 +141,6 @@ def main(argv=None):
                 flush=True,
             )
         plot(gaps, out / "layer_gaps.png")
-    finally:
-        torch.set_num_threads(threads)
     return gaps
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """What EvalNorm costs: BN against EN measured side by side, in one process, on the same
 weights and inputs.
 
@@ -24,13 +23,13 @@ weights and inputs.
 
 Goals: training step <= 1.05x BN, peak memory <= 1.03x, inference <= 1.10x.
 
-    python benchmarks/overhead.py                 # quick, CPU: about 5 minutes on 2 cores
-    python benchmarks/overhead.py --device cuda   # on a GPU
-    python benchmarks/overhead.py --device cuda --amp fp16   # under float16 autocast
-    python benchmarks/overhead.py --mode full     # more rounds
-    python benchmarks/overhead.py --mode smoke    # a tiny model, seconds (CI)
+    python -m benchmarks.overhead                  # quick, CPU: about 5 minutes on 2 cores
+    python -m benchmarks.overhead --device cuda    # on a GPU
+    python -m benchmarks.overhead --device cuda --amp fp16   # under float16 autocast
+    python -m benchmarks.overhead --preset full    # more rounds
+    python -m benchmarks.overhead --preset smoke   # a tiny model, seconds (CI)
 
-Prints the tables and writes ``results.json`` and ``results.md`` to ``--output-dir``.
+(from the repository root). Prints the tables and writes ``results.json`` and ``results.md`` to ``--output-dir``.
 """
 
 import argparse
@@ -40,25 +39,27 @@ import statistics
 import time
 
 import torch
-from common import machine, prepare_output_dir, write_results  # benchmarks/, beside this file
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
+from evalnorm import functional as EF
 from evalnorm_det import EvalNorm2d, OnlineEstimator, convert_to_batchnorm
 from evalnorm_det.engine.defaults import resolve_config_file, setup_cfg
-from evalnorm_det.layers import functional as EF
+
+from .common import machine, prepare_output_dir, torch_threads, write_results
+from .stats import markdown_table
 
 GOALS = {"training step": 1.05, "peak memory": 1.03, "inference": 1.10}
-MODES = {
+PRESETS = {
     # rounds: timed training steps per model; images: inference images per model.
     "smoke": {"size": 64, "small": True, "warmup": 1, "rounds": 2, "images": 2, "repeats": 2},
     "quick": {"size": 600, "small": False, "warmup": 1, "rounds": 5, "images": 5, "repeats": 10},
     "full": {"size": 600, "small": False, "warmup": 3, "rounds": 20, "images": 30, "repeats": 50},
 }
-# The demo's ResNet-50 at 1/8 width, for the smoke mode.
+# The demo's ResNet-50 at 1/8 width, for the smoke preset.
 SMALL = [
     "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "32",
     "MODEL.RESNETS.WIDTH_PER_GROUP", "8", "MODEL.RPN.PRE_NMS_TOPK_TEST", "200",
@@ -369,66 +370,70 @@ def markdown(results):
     settings, ms, mib = results["settings"], 1000.0, 2.0**20
     size = f"{settings['size']}x{settings['size']}"
     precision = {"none": "float32", "fp16": "float16 autocast", "bf16": "bfloat16 autocast"}
+    training = []
+    for name in t:
+        step, peak = statistics.median(t[name]), m[name]["peak"]
+        training.append(
+            [name, f"{step * ms:.0f}", f"{step / statistics.median(t['BN']):.3f}"]
+            + [f"{peak / mib:.0f}", f"{peak / m['BN']['peak']:.3f}"]
+        )
+    bn, en = statistics.median(i["BN folded"]), statistics.median(i["EN"])
+    inference = [
+        ["BN, EMA statistics folded into the convolutions", f"{bn * ms:.0f}", "1.000"],
+        ["EN", f"{en * ms:.0f}", f"{en / bn:.3f}"],
+    ]
+    goals = [
+        [key, f"{value:.3f}", f"<= {GOALS[key.split(' (')[0]]}"]
+        for key, value in results["ratios"].items()
+    ]
+    layers = []
+    for row in results["layers"]:
+        tr, ev = row["train"], row["eval"]
+        layers.append(
+            [row["layer"], tuple(row["train_shape"])]
+            + [f"{tr['BN'] * ms:.2f}", f"{tr['EN'] * ms:.2f}", f"{tr['EN'] / tr['BN']:.2f}"]
+            + [tuple(row["eval_shape"])]
+            + [f"{ev['BN'] * ms:.2f}", f"{ev['EN'] * ms:.2f}", f"{ev['EN'] / ev['BN']:.2f}"]
+        )
+    kinds = list(next(iter(results["launches"]["inference"].values())))
+    launches = [
+        [f"{what}, {name}"] + [counts[k] for k in kinds]
+        for what, rows in results["launches"].items()
+        for name, counts in rows.items()
+    ]
     lines = [
         f"Device: {results['machine']['device']}, {precision[settings['amp']]}. Faster R-CNN "
         + f"R50-C4, training steps of {settings['batch']} images of {size}, inference on one "
         + "image at a time.",
         "",
-        "| training | step, median (ms) | / BN | peak memory (MiB) | / BN |",
-        "|---|---|---|---|---|",
-    ]
-    for name in t:
-        step, peak = statistics.median(t[name]), m[name]["peak"]
-        lines.append(
-            f"| {name} | {step * ms:.0f} | {step / statistics.median(t['BN']):.3f} | "
-            f"{peak / mib:.0f} | {peak / m['BN']['peak']:.3f} |"
-        )
-    bn, en = statistics.median(i["BN folded"]), statistics.median(i["EN"])
-    lines += [
+        markdown_table(
+            ["training", "step, median (ms)", "/ BN", "peak memory (MiB)", "/ BN"], training, "-"
+        ),
         "",
-        "| inference | per image, median (ms) | / BN folded |",
-        "|---|---|---|",
-        f"| BN, EMA statistics folded into the convolutions | {bn * ms:.0f} | 1.000 |",
-        f"| EN | {en * ms:.0f} | {en / bn:.3f} |",
+        markdown_table(["inference", "per image, median (ms)", "/ BN folded"], inference, "-"),
         "",
-        "| goal | EN / BN | target |",
-        "|---|---|---|",
-    ]
-    for key, value in results["ratios"].items():
-        lines.append(f"| {key} | {value:.3f} | <= {GOALS[key.split(' (')[0]]} |")
-    lines += [
+        markdown_table(["goal", "EN / BN", "target"], goals, "-"),
         "",
         "Peak memory: parameters, gradients, buffers and optimizer state, plus the peak of "
         + "live tensors during a step.",
         "",
-        "| layer | train shape | BN train (ms) | EN train (ms) | ratio "
-        + "| eval shape | BN eval (ms) | EN eval (ms) | ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in results["layers"]:
-        tr, ev = row["train"], row["eval"]
-        lines.append(
-            f"| {row['layer']} | {tuple(row['train_shape'])} | {tr['BN'] * ms:.2f} | "
-            f"{tr['EN'] * ms:.2f} | {tr['EN'] / tr['BN']:.2f} | {tuple(row['eval_shape'])} | "
-            f"{ev['BN'] * ms:.2f} | {ev['EN'] * ms:.2f} | {ev['EN'] / ev['BN']:.2f} |"
-        )
-    kinds = list(next(iter(results["launches"]["inference"].values())))
-    lines += [
+        markdown_table(
+            ["layer", "train shape", "BN train (ms)", "EN train (ms)", "ratio"]
+            + ["eval shape", "BN eval (ms)", "EN eval (ms)", "ratio"],
+            layers,
+            "-",
+        ),
         "",
-        "| launches | " + " | ".join(kinds) + " |",
-        "|---|" + "---|" * len(kinds),
+        markdown_table(["launches", *kinds], launches, "-"),
     ]
-    for what, rows in results["launches"].items():
-        for name, counts in rows.items():
-            lines.append(f"| {what}, {name} | " + " | ".join(str(counts[k]) for k in kinds) + " |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=sorted(MODES), default="quick")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--size", type=int, help="image side (default: the mode's)")
+    parser.add_argument("--size", type=int, help="image side (default: the preset's)")
     parser.add_argument("--batch", type=int, default=2, help="images per training step")
     parser.add_argument("--rounds", type=int, help="timed training steps per model")
     parser.add_argument("--images", type=int, help="timed inference images per model")
@@ -449,7 +454,7 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="output/benchmarks/overhead")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    for key, value in MODES[args.mode].items():
+    for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
@@ -458,8 +463,16 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     prepare_output_dir(args.output_dir, args.overwrite)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        results = measure(args)
+    table = markdown(results)
+    print(table)
+    write_results(args.output_dir, results, table)
+    return results
+
+
+def measure(args):
+    """Every measure of the module docstring, with the settings and the machine: results.json."""
     start = time.time()
     cfg = detector_cfg(args)
     with EventStorage():  # detectron2's losses log to it
@@ -483,9 +496,6 @@ def main(argv=None):
         "goals": GOALS,
     }
     results["wall_seconds"] = time.time() - start
-    table = markdown(results)
-    print(table)
-    write_results(args.output_dir, results, table)
     return results
 
 

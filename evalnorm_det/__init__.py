@@ -1,7 +1,8 @@
 """EvalNorm (Singh and Shrivastava, ICCV 2019) for detectron2.
 
-BatchNorm layers train exactly as before; at evaluation, each sample's own statistics are
-mixed into the running (EMA) ones with two coefficients per layer, alpha and beta.
+Importing it registers the EvalNorm backbones, ROI heads and the bundled datasets in
+detectron2's registries. The layer and its estimation need torch alone: package ``evalnorm``,
+whose names are re-exported here.
 """
 
 import sys
@@ -15,18 +16,26 @@ except ImportError as e:
         "installs it into .venv. Elsewhere, build it from source: "
         "python -m pip install 'git+https://github.com/facebookresearch/detectron2.git' "
         "(see detectron2's INSTALL.md), or run tools/install_detectron2.sh PYTHON for the "
-        "CPU-capable sal-detectron2 snapshot."
+        "CPU-capable sal-detectron2 snapshot. EvalNorm for a plain PyTorch model needs no "
+        "detectron2: `from evalnorm import EvalNorm2d, convert_to_evalnorm`."
     ) from e
+
+from evalnorm import (
+    EvalNorm2d,
+    OnlineEstimator,
+    __version__,
+    convert_to_batchnorm,
+    convert_to_evalnorm,
+    estimate_offline,
+    evalnorm_mode,
+    fold_to_batchnorm,
+    keep_running_stats,
+)
 
 from . import data, modeling  # noqa: F401  (registers datasets, backbone and ROI heads)
 from .config import add_evalnorm_config, check_evalnorm_config
-from .convert import convert_to_batchnorm, convert_to_evalnorm, fold_to_batchnorm
 from .engine import EvalNormCheckpointer, MissingStatisticsError, OnlineEstimationHook, Trainer
-from .estimation import OnlineEstimator, estimate_offline
-from .layers import EvalNorm2d, get_norm
-from .modes import evalnorm_mode, keep_running_stats
-
-__version__ = "0.1.0"
+from .layers import get_norm
 
 __all__ = [
     "EvalNorm2d",
@@ -35,6 +44,7 @@ __all__ = [
     "OnlineEstimationHook",
     "OnlineEstimator",
     "Trainer",
+    "__version__",
     "add_evalnorm_config",
     "check_evalnorm_config",
     "convert_to_batchnorm",

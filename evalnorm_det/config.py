@@ -1,23 +1,46 @@
 """EvalNorm's config keys, their checks, and the normalization batch sizes they imply."""
 
+import warnings
+from typing import NamedTuple
+
 from detectron2.config import CfgNode as CN
 from detectron2.utils import comm
 
-from .layers import EVAL_MODES, EVALNORM_NAMES, FROZEN_EN_CHOICES
-from .modes import TEST_MODES
+from evalnorm import EVAL_MODES, FROZEN_EN_CHOICES
+
+from .layers import EVALNORM_NAMES
 
 __all__ = [
+    "TABLE_ROWS",
+    "NormBatchSizes",
     "add_evalnorm_config",
     "check_evalnorm_config",
+    "configured_rows",
     "images_per_process",
     "norm_batch_sizes",
-    "test_modes",
 ]
 
 # Norm names the builders accept besides EvalNorm's: detectron2's.
 DETECTRON2_NORMS = ("BN", "FrozenBN", "SyncBN", "GN", "")
 INIT_CHOICES = ("rule_of_thumb", "simple", "value")
 OPTIMIZERS = ("adam", "sgd")
+
+# Every normalization choice the trainer's test can evaluate one set of weights with: one row of
+# its table each, labelled as here. The first four and "batch" are EvalNorm2d modes; the others
+# are procedures (``evalnorm_det.engine.evaluation.row_evaluation``).
+TABLE_ROWS = {
+    "ema": "EMA",  # vanilla BatchNorm: the running statistics
+    "en": "EN",  # the checkpoint's alpha/beta (estimated online in training, or by the tools)
+    "en_offline": "EN offline",  # alpha/beta fitted now on training images (section 3.4)
+    "rule_of_thumb": "1/B^2",
+    "simple": "1/B",
+    "precise_bn": "PreciseBN",  # population statistics recomputed over training batches
+    "head_batch_stats": "head batch stats",  # ROI head on its test batch's statistics
+    # alpha = beta = 1: each sample normalized by its own statistics (prediction-time BN,
+    # Nado et al. 2020, with a test batch of one sample)
+    "prediction_time_bn": "prediction-time BN",
+    "precise_bn_en_offline": "PreciseBN + EN offline",  # "precise_bn", then "en_offline"
+}
 
 
 def add_evalnorm_config(cfg):
@@ -92,8 +115,8 @@ def add_evalnorm_config(cfg):
     _C.MODEL.EVALNORM.ONLINE.START_ITER = 0
 
     # Offline estimation of alpha/beta on a trained model (section 3.4, "EN offline"):
-    # tools/estimate_offline.py and the "en_offline" test mode. Training images go through the
-    # model in batches of its B, running statistics untouched, for at most MAX_ITER
+    # tools/estimate_offline.py and the table's "en_offline" row. Training images go through
+    # the model in batches of its B, running statistics untouched, for at most MAX_ITER
     # iterations; with PATIENCE > 0 it stops sooner when the mean auxiliary loss over the
     # last PATIENCE iterations improved by less than MIN_DELTA (relative) on the previous one.
     _C.MODEL.EVALNORM.OFFLINE = CN()
@@ -105,28 +128,38 @@ def add_evalnorm_config(cfg):
     _C.MODEL.EVALNORM.OFFLINE.MOMENTUM = 0.9  # SGD only
     _C.MODEL.EVALNORM.OFFLINE.LOG_PERIOD = 20
 
-    # The evaluation modes the trainer tests the same weights with, one row each (see
-    # evalnorm_det.modes.TEST_MODES): "ema", "en", "en_offline",
+    # The rows of the evaluation table, each a normalization the trainer tests the same weights
+    # with (see TABLE_ROWS above): "ema", "en", "en_offline",
     # "rule_of_thumb", "simple", "precise_bn" (TEST.PRECISE_BN.NUM_ITER batches),
     # "head_batch_stats", "prediction_time_bn" (alpha = beta = 1), "precise_bn_en_offline"
     # (PreciseBN statistics, then EN offline); "all" stands for all of them. The table reports
     # EN minus EMA when both are listed.
-    _C.TEST.EVALNORM_MODES = ["ema", "en", "rule_of_thumb"]
+    _C.TEST.EVALNORM_ROWS = ["ema", "en", "rule_of_thumb"]
+    # Deprecated name of TEST.EVALNORM_ROWS, read (with a FutureWarning) when not empty.
+    _C.TEST.EVALNORM_MODES = []
 
     # When > 0, every image is resized to SQUARE_SIZE x SQUARE_SIZE, in training and test
     # (the paper's 600x600), instead of INPUT.MIN_SIZE_* / MAX_SIZE_*.
     _C.INPUT.SQUARE_SIZE = 0
 
 
+class NormBatchSizes(NamedTuple):
+    """The normalization batch size B of each place in the model, as in training."""
+
+    images: int  # images per GPU: B of the backbone's (and FPN's) norms
+    rois: int  # sampled ROIs per GPU: B of the ROI heads' norms
+
+
 def norm_batch_sizes(cfg, world_size=None):
-    """(backbone B, ROI head B): images per GPU and sampled ROIs per GPU in training.
+    """The config's :class:`NormBatchSizes` (images per GPU, sampled ROIs per GPU): the one
+    place B is derived from the config. Resolve it once and pass it on.
 
     Images per GPU is ``MODEL.EVALNORM.NORM_BATCH_SIZE`` when set, else
     ``SOLVER.IMS_PER_BATCH`` / ``world_size`` (the current process group's size by default),
-    which it must divide.
+    which it must divide; ROIs per GPU are that times ``MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE``.
     """
     images = cfg.MODEL.EVALNORM.NORM_BATCH_SIZE or images_per_process(cfg, world_size)
-    return images, images * cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
+    return NormBatchSizes(images, images * cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE)
 
 
 def images_per_process(cfg, world_size=None):
@@ -147,10 +180,23 @@ def _check_choice(value, choices, key):
         raise ValueError(f"{key}={value!r}: expected one of {', '.join(map(repr, choices))}")
 
 
-def test_modes(cfg):
-    """``TEST.EVALNORM_MODES`` with "all" expanded, in ``TEST_MODES`` order."""
-    modes = list(cfg.TEST.EVALNORM_MODES)
-    return list(TEST_MODES) if "all" in modes else modes
+def _rows_key(cfg):
+    """(key, rows): ``TEST.EVALNORM_ROWS``, or its deprecated name where that one is set."""
+    if not cfg.TEST.EVALNORM_MODES:
+        return "TEST.EVALNORM_ROWS", list(cfg.TEST.EVALNORM_ROWS)
+    warnings.warn(
+        "TEST.EVALNORM_MODES is deprecated: name the table's rows with TEST.EVALNORM_ROWS",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return "TEST.EVALNORM_MODES", list(cfg.TEST.EVALNORM_MODES)
+
+
+def configured_rows(cfg):
+    """The rows of the evaluation table: ``TEST.EVALNORM_ROWS`` with "all" expanded, in
+    ``TABLE_ROWS`` order."""
+    rows = _rows_key(cfg)[1]
+    return list(TABLE_ROWS) if "all" in rows else rows
 
 
 def check_evalnorm_config(cfg, world_size=None, training=True):
@@ -195,13 +241,11 @@ def check_evalnorm_config(cfg, world_size=None, training=True):
     _check_number("MODEL.EVALNORM.OFFLINE.MAX_ITER", en.OFFLINE.MAX_ITER, ">= 1", integer=True)
     _check_number("MODEL.EVALNORM.OFFLINE.PATIENCE", en.OFFLINE.PATIENCE, ">= 0", integer=True)
     _check_number("MODEL.EVALNORM.NORM_BATCH_SIZE", en.NORM_BATCH_SIZE, ">= 0", integer=True)
-    modes = list(cfg.TEST.EVALNORM_MODES)
-    if not modes:
-        raise ValueError(
-            "TEST.EVALNORM_MODES is empty: list at least one of " + ", ".join(TEST_MODES)
-        )
-    for mode in modes:
-        _check_choice(mode, (*TEST_MODES, "all"), "TEST.EVALNORM_MODES entry")
+    rows_key, rows = _rows_key(cfg)
+    if not rows:
+        raise ValueError(f"{rows_key} is empty: list at least one of " + ", ".join(TABLE_ROWS))
+    for row in rows:
+        _check_choice(row, (*TABLE_ROWS, "all"), f"{rows_key} entry")
     if cfg.INPUT.SQUARE_SIZE < 0:
         raise ValueError(f"INPUT.SQUARE_SIZE={cfg.INPUT.SQUARE_SIZE!r}: expected 0 (off) or > 0")
     if en.MICROBATCH:

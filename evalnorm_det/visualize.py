@@ -1,12 +1,12 @@
 """The paper's figures: estimated alpha/beta per layer (Figure 3) and the normalized activations
 of one channel in training and at evaluation (Figure 1).
 
-Used by ``tools/plot_alpha_beta.py`` and ``tools/plot_activations.py``. Figures are
+Used by ``tools/plot_alpha_beta.py`` and ``tools/plot_activations.py`` (their command-line
+options: ``evalnorm_det.engine.defaults.add_figure_arguments``). Figures are
 ``matplotlib.figure.Figure`` objects drawn by the Agg renderer (no pyplot, no display), of an
 exact pixel size.
 """
 
-import argparse
 import contextlib
 import os
 import pickle
@@ -18,14 +18,12 @@ import torch
 from detectron2.utils.events import EventStorage
 from matplotlib.figure import Figure
 
-from .engine.checkpoint import read_checkpoint
-from .layers import EvalNorm2d
-from .modes import evalnorm_mode, keep_running_stats
+from evalnorm import EvalNorm2d, evalnorm_mode, keep_running_stats
+
+from .utils.safe_load import read_checkpoint
 
 __all__ = [
     "ACTIVATION_MODES",
-    "add_figure_arguments",
-    "check_output",
     "checkpoint_labels",
     "coefficients_from_state_dict",
     "default_layer",
@@ -56,34 +54,7 @@ _BLOCK = re.compile(r"[a-z_]*\d+")
 
 
 # ---------------------------------------------------------------------------------------------
-# Output files
-
-
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def add_figure_arguments(parser, width, height):
-    """The tools' output options: --output, --overwrite, --width/--height (pixels), --dpi."""
-    parser.add_argument("--output", "-o", required=True, metavar="PNG", help="the figure to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace PNG if it exists")
-    for name, default in (("--width", width), ("--height", height)):
-        parser.add_argument(name, type=_positive_int, default=default, help=f"pixels ({default})")
-    parser.add_argument(
-        "--dpi", type=_positive_int, default=100, help="scales text and lines, not the size (100)"
-    )
-
-
-def check_output(path, overwrite):
-    """Raise ``ValueError`` unless ``path`` can take a PNG: it must end in ``.png`` and, unless
-    ``overwrite``, not exist yet (as tools/convert_imagenet_checkpoint.py, never silently)."""
-    if not path.lower().endswith(".png"):
-        raise ValueError(f"{path}: the figure is a PNG, name it *.png")
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"{path} exists; pass --overwrite to replace it")
+# Figures of an exact pixel size
 
 
 def new_figure(width, height, dpi, rows=1):

@@ -2,11 +2,14 @@
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
 def reference_statistics(xi, mu_e, var_e, alpha, beta):
@@ -98,10 +101,21 @@ def class_images(n, size=12, num_classes=4, seed=0):
     return images * gain + offset, labels
 
 
+def import_tool(name):
+    """The module of ``tools/<name>.py`` (imported once, as ``name``)."""
+    tools = str(ROOT / "tools")
+    sys.path.insert(0, tools)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(tools)
+
+
 def load_script(path):
-    """Imports the script at ``path`` (a tool or a benchmark) as a module named after its file,
-    registered in ``sys.modules`` (so that its functions pickle, for worker processes); its
-    folder goes on ``sys.path`` first, for the modules it imports from beside it."""
+    """Imports the script at ``path`` (a tool: the benchmarks are the package ``benchmarks``, on
+    pytest's pythonpath) as a module named after its file, registered in ``sys.modules`` (so
+    that its functions pickle, for worker processes); its folder goes on ``sys.path`` first,
+    for the modules it imports from beside it."""
     folder = str(path.parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)

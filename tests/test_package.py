@@ -1,13 +1,14 @@
 """The public surface: names, isinstance compatibility, get_norm, and the detectron2 message."""
 
+import ast
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from detectron2.layers import FrozenBatchNorm2d
 from fvcore.nn.precise_bn import get_bn_modules
+from helpers import ROOT
 from torch import nn
 
 import evalnorm_det
@@ -71,11 +72,41 @@ def test_missing_detectron2_says_how_to_install():
     )
 
 
-@pytest.mark.parametrize("target", ["setup", "test", "demo", "rescue-demo", "gpu-check", "clean"])
+@pytest.mark.parametrize(
+    "target", ["setup", "test", "test-fast", "lint", "demo", "rescue-demo", "gpu-check", "clean"]
+)
 def test_make_targets_parse(target):
     # `make -n` prints the recipe without running it: a broken Makefile fails here, not in CI.
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     done = subprocess.run(
         ["make", "-n", "-C", str(root), target], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+def imported_modules(path):
+    """Absolute names of what the module at ``path`` imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            module = node.module or ""
+            names.add(f"{base}.{module}".strip(".") if node.level else module)
+    return names
+
+
+@pytest.mark.parametrize(
+    "layer, forbidden",
+    [
+        ("evalnorm", ("evalnorm_det", "detectron2", "fvcore", "benchmarks", "tools")),
+        ("evalnorm_det", ("benchmarks", "tools")),
+        ("evalnorm_det/utils", ("evalnorm_det.engine", "evalnorm_det.modeling")),
+    ],
+)
+def test_imports_point_down(layer, forbidden):
+    for path in sorted((ROOT / layer).rglob("*.py")):
+        for name in imported_modules(path):
+            assert not name.startswith(forbidden), f"{path.relative_to(ROOT)} imports {name}"

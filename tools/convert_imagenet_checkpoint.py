@@ -31,11 +31,10 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 
 import torch
 
-from evalnorm_det.engine.checkpoint import read_checkpoint
+from evalnorm_det.utils import atomic_write, read_checkpoint
 
 __all__ = ["FoldedBatchNormError", "convert_torchvision_resnet", "infer_widths", "load_state_dict"]
 
@@ -270,20 +269,9 @@ def main(argv=None):
         sys.exit(f"error: {src}: {e}")
 
     checkpoint = {"model": model, "__author__": "torchvision", "matching_heuristics": False}
-    directory = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(directory, exist_ok=True)
-    # Written next to OUT, then renamed: OUT is never left half-written.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".convert-", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); OUT should not be
-        os.replace(tmp, dst)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    with atomic_write(dst) as f:  # OUT is never left half-written
+        torch.save(checkpoint, f)
 
     norms = sum(k.endswith(".running_mean") for k in model)
     source = _unwrap_prefixed(state_dict)

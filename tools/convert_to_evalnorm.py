@@ -22,23 +22,26 @@ import os
 from detectron2.utils.logger import setup_logger
 
 from evalnorm_det import EvalNorm2d
+from evalnorm_det.config import norm_batch_sizes
 from evalnorm_det.engine import (
     add_rescue_arguments,
     load_evalnorm_model,
     parse_args,
+    positive_int,
     rescue_metadata,
     save_evalnorm_checkpoint,
     setup_cfg,
+    unit_interval,
 )
 
 
 def coefficient(text):
-    """ "rule_of_thumb", "simple" or a number."""
+    """ "rule_of_thumb", "simple" or a number in [0, 1]."""
     if text in ("rule_of_thumb", "simple"):
         return text
     try:
-        return float(text)
-    except ValueError:
+        return unit_interval(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected rule_of_thumb, simple or a number in [0, 1]"
         ) from None
@@ -64,7 +67,7 @@ def build_parser():
     parser.add_argument("--beta", type=coefficient, help="beta, if not --coefficients")
     parser.add_argument(
         "--num-gpus",
-        type=int,
+        type=positive_int,
         default=1,
         help="GPUs of the training run, to derive B from SOLVER.IMS_PER_BATCH",
     )
@@ -82,12 +85,13 @@ def main(argv=None):
     output = args.output or os.path.join(cfg.OUTPUT_DIR, f"model_{args.coefficients}.pth")
     if os.path.exists(output) and not args.overwrite:
         raise SystemExit(f"error: {output} exists; pass --overwrite to replace it")
-    model = load_evalnorm_model(cfg)
+    batch_sizes = norm_batch_sizes(cfg, world_size=args.num_gpus)
+    model = load_evalnorm_model(cfg, batch_sizes)
     layers = [m for m in model.modules() if isinstance(m, EvalNorm2d)]
     for m in layers:
         m.set_coefficients(args.coefficients, args.beta)
     beta = args.coefficients if args.beta is None else args.beta
-    metadata = rescue_metadata(cfg, {"alpha": args.coefficients, "beta": beta})
+    metadata = rescue_metadata(cfg, batch_sizes, {"alpha": args.coefficients, "beta": beta})
     save_evalnorm_checkpoint(model, cfg.MODEL.WEIGHTS, output, metadata, args.overwrite)
     print(f"Wrote {output}: {len(layers)} EvalNorm layers, alpha {args.coefficients}, beta {beta}")
     return output

@@ -22,6 +22,7 @@ import os
 from detectron2.utils import comm
 
 from evalnorm_det import Trainer
+from evalnorm_det.config import norm_batch_sizes
 from evalnorm_det.engine import (
     add_rescue_arguments,
     argument_parser,
@@ -41,11 +42,12 @@ def main(args):
     output = args.output or os.path.join(cfg.OUTPUT_DIR, "model_en_offline.pth")
     if os.path.exists(output) and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-    model = load_evalnorm_model(cfg)
-    batches = training_batches(cfg, Trainer.build_train_loader)
+    batch_sizes = norm_batch_sizes(cfg)
+    model = load_evalnorm_model(cfg, batch_sizes)
+    batches = training_batches(cfg, Trainer.build_train_loader, batch_sizes.images)
     summary = estimate_offline_from_config(cfg, model, batches)
     if comm.is_main_process():
-        metadata = rescue_metadata(cfg, "en_offline", offline=summary)
+        metadata = rescue_metadata(cfg, batch_sizes, "en_offline", offline=summary)
         save_evalnorm_checkpoint(model, cfg.MODEL.WEIGHTS, output, metadata, args.overwrite)
         print(f"Wrote {output}: alpha/beta fitted in {summary['iterations']} iterations")
     comm.synchronize()

@@ -26,8 +26,13 @@ import sys
 from detectron2.utils.env import seed_all_rng
 
 from evalnorm_det import EvalNormCheckpointer, MissingStatisticsError, Trainer, visualize
+from evalnorm_det.config import norm_batch_sizes
 from evalnorm_det.engine import (
+    add_figure_arguments,
     build_evalnorm_model,
+    check_output,
+    non_negative_int,
+    positive_int,
     resolve_config_file,
     setup_cfg,
     training_batches,
@@ -44,21 +49,22 @@ def parse_args(argv=None):
     parser.add_argument(
         "--layer", help="an EvalNorm2d module name (default: the backbone's last EvalNorm layer)"
     )
-    parser.add_argument("--channel", type=int, default=0, help="default 0")
-    parser.add_argument("--num-batches", type=int, default=20, help="default 20")
+    parser.add_argument("--channel", type=non_negative_int, default=0, help="default 0")
+    parser.add_argument("--num-batches", type=positive_int, default=20, help="default 20")
     parser.add_argument(
         "--dataset", help="a registered dataset with annotations (default: DATASETS.TRAIN[0])"
     )
     parser.add_argument(
-        "--norm-batch-size", type=int, metavar="B", help="images per GPU the model trained with"
+        "--norm-batch-size",
+        type=positive_int,
+        metavar="B",
+        help="images per GPU the model trained with",
     )
-    visualize.add_figure_arguments(parser, width=1000, height=600)
+    add_figure_arguments(parser, width=1000, height=600)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     if not args.config_file:
         parser.error("give a config: --config NAME (looked up in configs/) or --config-file FILE")
-    if args.num_batches < 1:
-        parser.error(f"--num-batches {args.num_batches}: expected at least 1")
     return args
 
 
@@ -67,7 +73,7 @@ def setup(args):
     opts = list(args.opts)
     if args.dataset:
         opts += ["DATASETS.TRAIN", repr((args.dataset,))]
-    if args.norm_batch_size:
+    if args.norm_batch_size is not None:
         opts += ["MODEL.EVALNORM.NORM_BATCH_SIZE", str(args.norm_batch_size)]
     return setup_cfg(resolve_config_file(args.config_file), opts, world_size=1, training=False)
 
@@ -75,17 +81,18 @@ def setup(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        visualize.check_output(args.output, args.overwrite)
+        check_output(args.output, args.overwrite)
         cfg = setup(args)
         seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
-        model = build_evalnorm_model(cfg)
+        batch_sizes = norm_batch_sizes(cfg, world_size=1)
+        model = build_evalnorm_model(cfg, batch_sizes)
         if cfg.MODEL.WEIGHTS:
             EvalNormCheckpointer(model).load(cfg.MODEL.WEIGHTS)
         layer = args.layer or visualize.default_layer(model)
         module = visualize.find_layer(model, layer, args.channel)
     except (ValueError, OSError, MissingStatisticsError) as e:
         sys.exit(f"error: {e}")
-    loader = training_batches(cfg, Trainer.build_train_loader)
+    loader = training_batches(cfg, Trainer.build_train_loader, batch_sizes.images)
     batches = list(itertools.islice(loader, args.num_batches))
     values = visualize.normalized_activations(model, layer, args.channel, batches)
 

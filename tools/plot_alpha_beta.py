@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from evalnorm_det import visualize
+from evalnorm_det.engine import add_figure_arguments, check_output
 
 
 def parse_args(argv=None):
@@ -28,7 +29,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--label", action="append", help="legend label, once per CHECKPOINT, in their order"
     )
-    visualize.add_figure_arguments(parser, width=1400, height=800)
+    add_figure_arguments(parser, width=1400, height=800)
     return parser.parse_args(argv)
 
 
@@ -38,7 +39,7 @@ def main(argv=None):
     if len(labels) != len(args.checkpoints) or len(set(labels)) != len(labels):
         sys.exit(f"error: give one distinct --label per checkpoint ({len(args.checkpoints)})")
     try:
-        visualize.check_output(args.output, args.overwrite)
+        check_output(args.output, args.overwrite)
         coefficients = {
             label: visualize.read_coefficients(path)
             for label, path in zip(labels, args.checkpoints)

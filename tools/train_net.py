@@ -6,11 +6,12 @@
         MODEL.WEIGHTS output/evalnorm_frcnn_2img/model_final.pth
 
 A --config that is not a file is looked up in the project's configs/. --eval-only evaluates
-the weights in every mode of TEST.EVALNORM_MODES ("['all']" for every row: EMA, EN, EN offline,
+the weights in every row of TEST.EVALNORM_ROWS ("['all']" for every row: EMA, EN, EN offline,
 1/B^2, 1/B, PreciseBN, head batch stats, prediction-time BN, PreciseBN + EN offline); a BN or FrozenBN model is converted to EvalNorm first.
 """
 
 from evalnorm_det import EvalNormCheckpointer, Trainer
+from evalnorm_det.config import norm_batch_sizes
 from evalnorm_det.engine import (
     argument_parser,
     build_evalnorm_model,
@@ -23,7 +24,7 @@ from evalnorm_det.engine import (
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        model = build_evalnorm_model(cfg)
+        model = build_evalnorm_model(cfg, norm_batch_sizes(cfg))
         EvalNormCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )

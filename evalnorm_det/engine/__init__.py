@@ -1,34 +1,43 @@
-"""detectron2 training and evaluation with EvalNorm: hooks, checkpointer, trainer, resuming,
-the per-mode test, the rescue of BN checkpoints, and what the tools share."""
+"""detectron2 training and evaluation with EvalNorm: the online-estimation hook, the
+checkpointer refusing folded BN, the trainer, the per-row evaluation table, the rescue of BN
+checkpoints, and what the tools share. The general machinery they use (safe and atomic
+checkpoints, bit-exact resume, CPU training, checks before a run) is in ``evalnorm_det.utils``;
+its public names are re-exported here."""
 
-from .checkpoint import (
+from ..utils import (
     CheckpointError,
     CorruptCheckpointError,
-    EvalNormCheckpointer,
-    MissingStatisticsError,
+    NonFiniteCheckHook,
+    ResumeStateHook,
+    SkippingSampler,
     UnsafeCheckpointError,
     read_checkpoint,
-    save_evalnorm_checkpoint,
 )
+from .checkpoint import EvalNormCheckpointer, MissingStatisticsError
 from .defaults import (
+    add_figure_arguments,
     add_rescue_arguments,
     argument_parser,
+    check_output,
     launch_checked,
+    non_negative_int,
     parse_args,
+    positive_int,
     resolve_config_file,
     setup,
     setup_cfg,
+    unit_interval,
 )
-from .evaluation import evaluate_modes, evaluation_mode, format_table, write_tables
-from .hooks import NonFiniteCheckHook, OnlineEstimationHook
+from .evaluation import evaluate_rows, format_table, row_evaluation, write_tables
+from .hooks import OnlineEstimationHook
 from .rescue import (
     build_evalnorm_model,
     estimate_offline_from_config,
     load_evalnorm_model,
     rescue_metadata,
+    save_evalnorm_checkpoint,
     training_batches,
 )
-from .resume import ResumeStateHook, SkippingSampler
 from .trainer import Trainer, build_augmentation
 
 __all__ = [
@@ -42,23 +51,28 @@ __all__ = [
     "SkippingSampler",
     "Trainer",
     "UnsafeCheckpointError",
+    "add_figure_arguments",
     "add_rescue_arguments",
     "argument_parser",
     "build_augmentation",
     "build_evalnorm_model",
+    "check_output",
     "estimate_offline_from_config",
-    "evaluate_modes",
-    "evaluation_mode",
+    "evaluate_rows",
     "format_table",
     "launch_checked",
     "load_evalnorm_model",
+    "non_negative_int",
     "parse_args",
+    "positive_int",
     "read_checkpoint",
     "rescue_metadata",
     "resolve_config_file",
+    "row_evaluation",
     "save_evalnorm_checkpoint",
     "setup",
     "setup_cfg",
     "training_batches",
+    "unit_interval",
     "write_tables",
 ]

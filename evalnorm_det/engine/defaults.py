@@ -1,26 +1,36 @@
-"""What the command-line tools share: the argument parser, the config, the checked launch."""
+"""What the command-line tools share: the argument parser and its checked numeric types, the
+config, the checked launch."""
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_evalnorm_config, check_evalnorm_config
-from .inputs import check_inputs
+from ..config import add_evalnorm_config, check_evalnorm_config, norm_batch_sizes
+from ..utils.preflight import check_inputs
+from .checkpoint import EvalNormCheckpointer
+from .rescue import build_evalnorm_model
 
 __all__ = [
     "CONFIGS",
+    "add_figure_arguments",
     "add_rescue_arguments",
     "argument_parser",
+    "check_output",
     "launch_checked",
+    "non_negative_int",
     "parse_args",
+    "positive_int",
     "resolve_config_file",
     "setup",
     "setup_cfg",
+    "unit_interval",
 ]
 
 # The project's configs/, beside the package in a checkout.
@@ -45,14 +55,48 @@ def argument_parser(epilog=None, training=True):
     that is not a file is looked up in configs/). With ``training`` False, ``--resume`` and
     ``--eval-only`` are hidden and refused by ``parse_args``."""
     parser = default_argument_parser(epilog=epilog)
+    if not training:
+        # The same parser, its --resume and --eval-only flags replaced by hidden ones.
+        parser = argparse.ArgumentParser(
+            epilog=parser.epilog, parents=[parser], add_help=False, conflict_handler="resolve"
+        )
+        for flag in ("--resume", "--eval-only"):
+            parser.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", dest="config_file", metavar="FILE", help="as --config-file")
     parser.set_defaults(training=training)
-    if not training:
-        for action in parser._actions:
-            if action.dest in ("resume", "eval_only"):
-                action.help = argparse.SUPPRESS
     return parser
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (argparse's error names the flag)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text):
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def unit_interval(text):
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _int_at_least(text, low):
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+    return value
 
 
 def add_rescue_arguments(parser, default_output):
@@ -66,7 +110,7 @@ def add_rescue_arguments(parser, default_output):
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument(
         "--norm-batch-size",
-        type=int,
+        type=positive_int,
         metavar="B",
         help="images per GPU the model was trained with (sets MODEL.EVALNORM.NORM_BATCH_SIZE; "
         "default: the config's, else SOLVER.IMS_PER_BATCH / processes)",
@@ -74,10 +118,31 @@ def add_rescue_arguments(parser, default_output):
     return parser
 
 
+def add_figure_arguments(parser, width, height):
+    """The tools' output options: --output, --overwrite, --width/--height (pixels), --dpi."""
+    parser.add_argument("--output", "-o", required=True, metavar="PNG", help="the figure to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace PNG if it exists")
+    for name, default in (("--width", width), ("--height", height)):
+        parser.add_argument(name, type=positive_int, default=default, help=f"pixels ({default})")
+    parser.add_argument(
+        "--dpi", type=positive_int, default=100, help="scales text and lines, not the size (100)"
+    )
+
+
+def check_output(path, overwrite):
+    """Raise ``ValueError`` unless ``path`` can take a PNG: it must end in ``.png`` and, unless
+    ``overwrite``, not exist yet (as tools/convert_imagenet_checkpoint.py, never silently)."""
+    if not path.lower().endswith(".png"):
+        raise ValueError(f"{path}: the figure is a PNG, name it *.png")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} exists; pass --overwrite to replace it")
+
+
 def parse_args(parser, argv=None):
     """``parser``'s arguments, the config file resolved; ``--norm-batch-size B`` becomes the
     override ``MODEL.EVALNORM.NORM_BATCH_SIZE B``."""
     args = parser.parse_args(argv)
+    _check_launch_flags(parser, args)
     if getattr(args, "norm_batch_size", None) is not None:
         args.opts = [*args.opts, "MODEL.EVALNORM.NORM_BATCH_SIZE", str(args.norm_batch_size)]
     if not args.config_file:
@@ -86,6 +151,23 @@ def parse_args(parser, argv=None):
         parser.error("--resume and --eval-only belong to tools/train_net.py")
     args.config_file = resolve_config_file(args.config_file)
     return args
+
+
+def _check_launch_flags(parser, args):
+    """Refuse detectron2's --num-gpus/--num-machines below 1 and a --machine-rank outside
+    [0, --num-machines) (its parser takes any integer)."""
+    for flag in ("num_gpus", "num_machines"):
+        value = getattr(args, flag, 1)
+        if value < 1:
+            parser.error(
+                f"argument --{flag.replace('_', '-')}: expected an integer >= 1, got {value}"
+            )
+    rank, machines = getattr(args, "machine_rank", 0), getattr(args, "num_machines", 1)
+    if not 0 <= rank < machines:
+        parser.error(
+            f"argument --machine-rank: expected an integer from 0 to --num-machines - 1 "
+            f"({machines - 1}), got {rank}"
+        )
 
 
 def setup_cfg(config_file, opts=(), world_size=None, training=True):
@@ -112,11 +194,17 @@ def setup(args):
 
 def launch_checked(main, args):
     """``detectron2.engine.launch(main, ..., args=(args,))`` after checking, in this process,
-    the config and the files the run reads (:func:`check_inputs`): a bad one stops before any
-    worker starts or writes to OUTPUT_DIR."""
+    the config and the files the run reads (``check_inputs``; ``MODEL.WEIGHTS`` is loaded into
+    the run's model, so folded BN or another architecture stops the run here too): a bad one
+    stops before any worker starts or writes to OUTPUT_DIR."""
     world_size = args.num_gpus * args.num_machines
-    cfg = setup_cfg(args.config_file, args.opts, world_size, training=_training(args))
-    check_inputs(cfg, training=_training(args), resume=getattr(args, "resume", False))
+    training = _training(args)
+    cfg = setup_cfg(args.config_file, args.opts, world_size, training=training)
+
+    def load_weights(cfg, weights):
+        _load_into_model(cfg, weights, training, world_size)
+
+    check_inputs(cfg, training, getattr(args, "resume", False), load_weights)
     launch(
         main,
         args.num_gpus,
@@ -125,6 +213,25 @@ def launch_checked(main, args):
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+def _load_into_model(cfg, weights, training, world_size):
+    """Loads ``weights`` into the run's model, built on CPU and then dropped, so that every
+    checkpoint check (corrupt or unsafe file, folded BN, another architecture) runs now."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    if training:
+        model = build_model(cfg)
+    else:
+        model = build_evalnorm_model(cfg, norm_batch_sizes(cfg, world_size))
+    checkpointer = EvalNormCheckpointer(model)
+    checkpointer.require_statistics = not (training and cfg.MODEL.EVALNORM.RESET_NORM)
+    logging.disable(logging.WARNING)  # the run logs the loading itself, once set up
+    try:
+        checkpointer.load(weights)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _training(args):

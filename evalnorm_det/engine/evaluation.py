@@ -9,16 +9,17 @@ import torch
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from ..layers import EvalNorm2d
-from ..modes import TEST_MODES, evalnorm_mode, keep_running_stats
+from evalnorm import EvalNorm2d, evalnorm_mode, keep_running_stats
+
+from ..config import TABLE_ROWS
 
 __all__ = [
     "METRICS",
-    "evaluate_modes",
-    "evaluation_mode",
+    "evaluate_rows",
     "fixed_coefficients",
     "format_table",
     "precise_statistics",
+    "row_evaluation",
     "table_rows",
     "write_tables",
 ]
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("AP", "AP50", "AP75")
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
-# The EvalNorm2d mode each test mode evaluates in, where it is not the test mode's own name.
+# The EvalNorm2d mode each row evaluates in, where it is not the row's own name.
 LAYER_MODES = {
     "en_offline": "en",
     "precise_bn": "ema",
@@ -47,8 +48,8 @@ NEEDS_EVALNORM = (
 
 
 @contextlib.contextmanager
-def evaluation_mode(model, mode, train_batches=None, estimate_offline=None, precise_bn_iters=200):
-    """Within the block, ``model`` evaluates as ``mode`` (a key of ``TEST_MODES``); on exit
+def row_evaluation(model, row, train_batches=None, estimate_offline=None, precise_bn_iters=200):
+    """Within the block, ``model`` evaluates as row ``row`` (a key of ``TABLE_ROWS``); on exit
     every coefficient, statistic and mode is as before.
 
     - "ema", "en", "rule_of_thumb", "simple": every EvalNorm2d in that mode (``evalnorm_mode``).
@@ -64,25 +65,25 @@ def evaluation_mode(model, mode, train_batches=None, estimate_offline=None, prec
 
     ``train_batches``: a callable returning an iterator of training batches, B images per process.
     """
-    if mode not in TEST_MODES:
-        raise ValueError(f"Unknown test mode {mode!r}: expected one of {', '.join(TEST_MODES)}")
+    if row not in TABLE_ROWS:
+        raise ValueError(f"Unknown row {row!r}: expected one of {', '.join(TABLE_ROWS)}")
     has_evalnorm = any(isinstance(m, EvalNorm2d) for m in model.modules())
-    if mode in NEEDS_EVALNORM and not has_evalnorm:
-        raise ValueError(f"Test mode {mode!r} needs EvalNorm2d layers; the model has none")
+    if row in NEEDS_EVALNORM and not has_evalnorm:
+        raise ValueError(f"Row {row!r} needs EvalNorm2d layers; the model has none")
     with contextlib.ExitStack() as stack:
-        if mode in ("precise_bn", "precise_bn_en_offline"):
+        if row in ("precise_bn", "precise_bn_en_offline"):
             stack.enter_context(_restored(model, STATISTICS))
             with EventStorage():
                 precise_statistics(model, train_batches(), precise_bn_iters)
-        if mode in ("en_offline", "precise_bn_en_offline"):
+        if row in ("en_offline", "precise_bn_en_offline"):
             stack.enter_context(_restored(model, ("alpha_logit", "beta_logit")))
             estimate_offline(model, train_batches())
-        elif mode == "prediction_time_bn":
+        elif row == "prediction_time_bn":
             stack.enter_context(fixed_coefficients(model, 1.0))
-        layer_mode = LAYER_MODES.get(mode, mode)
+        layer_mode = LAYER_MODES.get(row, row)
         if has_evalnorm:
             stack.enter_context(evalnorm_mode(model, layer_mode))
-        if mode == "head_batch_stats":
+        if row == "head_batch_stats":
             for name, head in model.named_modules():
                 if name.split(".")[-1] == "roi_heads":
                     stack.enter_context(evalnorm_mode(head, "batch"))
@@ -114,7 +115,7 @@ def precise_statistics(model, batches, num_iter):
     ``momentum=None`` in BatchNorm2d. (fvcore's ``update_bn_stats`` keeps one value per forward:
     the last group's.) The model runs in training mode with its running statistics untouched
     in between and online estimation off; needs an ``EventStorage`` for detectron2 models.
-    In place (``evaluation_mode`` restores them); returns the number of layers updated."""
+    In place (``row_evaluation`` restores them); returns the number of layers updated."""
     layers = [
         m
         for m in model.modules()
@@ -129,7 +130,7 @@ def precise_statistics(model, batches, num_iter):
         n = x.shape[0]
         if n == 0:
             return
-        size = m._group_size(n) if isinstance(m, EvalNorm2d) else None
+        size = m.training_group_size(n) if isinstance(m, EvalNorm2d) else None
         groups = x.detach().float().unflatten(0, (-1, size or n)).transpose(1, 2).flatten(2)
         sums[m][0] = sums[m][0] + groups.mean(2).sum(0)  # (k, C, size * H * W)
         sums[m][1] = sums[m][1] + groups.var(2, unbiased=True).sum(0)
@@ -161,39 +162,39 @@ def precise_statistics(model, batches, num_iter):
     return sum(1 for _, _, count in sums.values() if count)
 
 
-def evaluate_modes(model, modes, evaluate, **kwargs):
-    """``{mode: evaluate(mode)}``, each call made within ``evaluation_mode(model, mode, **kwargs)``.
+def evaluate_rows(model, rows, evaluate, **kwargs):
+    """``{row: evaluate(row)}``, each call made within ``row_evaluation(model, row, **kwargs)``.
 
-    A model without EvalNorm2d layers is evaluated only in the modes that need none ("ema",
+    A model without EvalNorm2d layers is evaluated only in the rows that need none ("ema",
     "precise_bn").
     """
     if not any(isinstance(m, EvalNorm2d) for m in model.modules()):
-        skipped = [m for m in modes if m in NEEDS_EVALNORM]
+        skipped = [r for r in rows if r in NEEDS_EVALNORM]
         if skipped:
-            logger.warning("No EvalNorm2d layer in the model: skipping modes %s", skipped)
-        modes = [m for m in modes if m not in NEEDS_EVALNORM] or ["ema"]
+            logger.warning("No EvalNorm2d layer in the model: skipping rows %s", skipped)
+        rows = [r for r in rows if r not in NEEDS_EVALNORM] or ["ema"]
     results = {}
-    for mode in modes:
-        with evaluation_mode(model, mode, **kwargs):
-            results[mode] = evaluate(mode)
+    for row in rows:
+        with row_evaluation(model, row, **kwargs):
+            results[row] = evaluate(row)
     return results
 
 
 def table_rows(results, task="bbox"):
-    """[(label, [AP, AP50, AP75])] for ``{mode: {task: {metric: value}}}``, with an
-    ``EN - EMA`` row after EN when both modes are present."""
+    """[(label, [AP, AP50, AP75])] for ``{row: {task: {metric: value}}}``, with an
+    ``EN - EMA`` row after EN when both rows are present."""
     rows = [
-        (TEST_MODES.get(mode, mode), [r.get(task, {}).get(m, math.nan) for m in METRICS])
-        for mode, r in results.items()
+        (TABLE_ROWS.get(row, row), [r.get(task, {}).get(m, math.nan) for m in METRICS])
+        for row, r in results.items()
     ]
     if "en" in results and "ema" in results:
-        en, ema = (dict(rows)[TEST_MODES[k]] for k in ("en", "ema"))
+        en, ema = (dict(rows)[TABLE_ROWS[k]] for k in ("en", "ema"))
         rows.insert(list(results).index("en") + 1, ("EN - EMA", [a - b for a, b in zip(en, ema)]))
     return rows
 
 
 def format_table(results, title, task="bbox"):
-    """The table as text, in the layout of the paper's Table 2: a row per mode with AP, AP50,
+    """The table as text, in the layout of the paper's Table 2: one line per row with AP, AP50,
     AP75 (COCO, in %), and ``EN - EMA``."""
     rows = table_rows(results, task)
     width = max(len(label) for label, _ in rows)

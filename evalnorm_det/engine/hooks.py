@@ -1,21 +1,18 @@
-"""``OnlineEstimationHook``: estimate alpha/beta while a detectron2 trainer trains;
-``NonFiniteCheckHook``: stop training at the first EvalNorm layer that goes NaN or Inf."""
+"""``OnlineEstimationHook``: estimate alpha/beta while a detectron2 trainer trains."""
 
-import torch
 from detectron2.engine import HookBase
 
-from ..estimation import OnlineEstimator
-from ..layers import EvalNorm2d
+from evalnorm import OnlineEstimator
 
-__all__ = ["NonFiniteCheckHook", "OnlineEstimationHook"]
+__all__ = ["OnlineEstimationHook"]
 
 
 class OnlineEstimationHook(HookBase):
     """Wraps :class:`OnlineEstimator` for detectron2's training loop.
 
     Estimation is on while training runs, from iteration ``start_iter`` on. After each such
-    iteration's model step, alpha and beta take one step of their own optimizer (the model's optimizer never holds them), their
-    gradients averaged over processes. Every ``log_period`` iterations every layer's alpha
+    iteration's model step, alpha and beta take one step of their own optimizer (the model's
+    optimizer never holds them), their gradients averaged over processes. Every ``log_period`` iterations every layer's alpha
     and beta go to the event storage as ``evalnorm_alpha/<layer>`` and ``evalnorm_beta/<layer>``
     (so TensorBoard and metrics.json show them). The estimator's optimizer state is saved
     and restored with the trainer's checkpoints (``state_dict``).
@@ -70,56 +67,3 @@ class OnlineEstimationHook(HookBase):
 
     def load_state_dict(self, state_dict):
         self.estimator.load_state_dict(state_dict)
-
-
-_STATE = ("weight", "bias", "running_mean", "running_var", "alpha_logit", "beta_logit")
-
-
-class NonFiniteCheckHook(HookBase):
-    """Stops training with a ``FloatingPointError`` naming the first EvalNorm layer, in network
-    order, whose weight, bias, running statistics or alpha/beta hold NaN or Inf, before a
-    checkpoint could save them.
-
-    It checks after every step (place it after ``OnlineEstimationHook`` and before the
-    ``PeriodicCheckpointer``) and when a step fails (detectron2 stops on a non-finite loss or
-    on NaN boxes). A NaN or Inf reaching a training EvalNorm layer enters its running
-    statistics in that very forward, so the first layer found is where it appeared: the layer
-    itself if its weight or bias is bad, else the first to see it. Only the layers' (C,)
-    tensors are read, with one device synchronization per step: the activations are not read
-    again. FrozenEN layers' statistics never change, so a NaN passing through them is named at
-    the first trainable EvalNorm layer after them, or else only by detectron2's loss check.
-    """
-
-    def __init__(self, model):
-        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, EvalNorm2d)]
-        self._raised = False
-
-    def after_step(self):
-        self._check("after iteration")
-
-    def after_train(self):
-        # A step that raised (not this hook): name the layer, if any is non-finite.
-        if self.trainer.iter < self.trainer.max_iter and not self._raised:
-            self._check("in iteration")
-
-    def _check(self, stage):
-        if not self.layers:
-            return
-        flags = torch.stack(
-            [
-                torch.stack([torch.isfinite(getattr(m, k)).all() for k in _STATE])
-                for _, m in self.layers
-            ]
-        )
-        if bool(flags.all()):
-            return
-        for (name, _), ok in zip(self.layers, flags.tolist()):
-            if not all(ok):
-                self._raised = True
-                bad = ", ".join(k for k, good in zip(_STATE, ok) if not good)
-                raise FloatingPointError(
-                    f"NaN or Inf {stage} {self.trainer.iter}: EvalNorm layer {name!r} has "
-                    f"non-finite {bad}. Training stopped before any checkpoint with it was "
-                    "written; the NaN or Inf appeared at this layer or in what feeds it (the "
-                    "images, the layers before it)."
-                )

@@ -8,31 +8,41 @@ import os
 from detectron2.data import (
     DatasetMapper,
     build_detection_test_loader,
-    build_detection_train_loader,
     detection_utils,
 )
 from detectron2.data import transforms as T
-from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import DefaultTrainer
-from detectron2.engine.hooks import PeriodicCheckpointer, PeriodicWriter
+from detectron2.engine.hooks import LRScheduler, PeriodicCheckpointer, PeriodicWriter
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import check_evalnorm_config, norm_batch_sizes, test_modes
-from ..layers import EvalNorm2d
+from evalnorm import EvalNorm2d
+
+from ..config import check_evalnorm_config, configured_rows, norm_batch_sizes
 from ..modeling import reset_norms
+from ..utils.cpu import amp_on_cpu, ddp_on_cpu
+from ..utils.d2_internals import (
+    inner_trainer,
+    insert_hook,
+    set_inner_trainer,
+    use_checkpointer,
+    write_at_least_every,
+)
+from ..utils.nonfinite import NonFiniteCheckHook
+from ..utils.preflight import naming_missing_data
+from ..utils.resume import ResumeStateHook, resumable_train_loader
 from .checkpoint import EvalNormCheckpointer
-from .cpu import amp_on_cpu, ddp_on_cpu
-from .evaluation import evaluate_modes, format_table, write_tables
-from .hooks import NonFiniteCheckHook, OnlineEstimationHook
-from .inputs import naming_missing_data
+from .evaluation import evaluate_rows, format_table, write_tables
+from .hooks import OnlineEstimationHook
 from .rescue import estimate_offline_from_config, training_batches
-from .resume import ResumeStateHook, SkippingSampler
 
 __all__ = ["Trainer", "build_augmentation"]
 
 logger = logging.getLogger(__name__)
+
+# What NonFiniteCheckHook watches in every EvalNorm layer.
+_CHECKED = ("weight", "bias", "running_mean", "running_var", "alpha_logit", "beta_logit")
 
 
 def build_augmentation(cfg, is_train):
@@ -57,7 +67,7 @@ class Trainer(DefaultTrainer):
     - ``--resume`` continues as if never interrupted (:class:`ResumeStateHook`): checkpoints
       hold every rank's torch/NumPy/Python random state and the sampler's seed, and the
       training sampler skips the images the checkpointed iterations used;
-    - ``test`` evaluates every mode of ``TEST.EVALNORM_MODES`` with COCO AP and writes the
+    - ``test`` evaluates every row of ``TEST.EVALNORM_ROWS`` with COCO AP and writes the
       table to ``OUTPUT_DIR/evalnorm_table.{txt,csv,md}`` and ``evalnorm_results.json``.
     """
 
@@ -65,23 +75,17 @@ class Trainer(DefaultTrainer):
         check_evalnorm_config(cfg)  # before anything is built
         with ddp_on_cpu():
             super().__init__(cfg)
-        self._trainer = amp_on_cpu(cfg, self._trainer)
+        set_inner_trainer(self, amp_on_cpu(cfg, inner_trainer(self)))
 
     def build_hooks(self):
-        # DefaultTrainer.__init__ calls this after making its checkpointer: swap in ours
-        # before the PeriodicCheckpointer hook captures it.
-        self.checkpointer = EvalNormCheckpointer(
-            self.checkpointer.model,
-            self.cfg.OUTPUT_DIR,
-            trainer=self.checkpointer.checkpointables["trainer"],
-        )
+        use_checkpointer(self, EvalNormCheckpointer)  # before the PeriodicCheckpointer takes it
         hooks = super().build_hooks()
         # Just before the checkpointer (rank 0 only has one): every rank gathers its random state.
-        at = next((i for i, h in enumerate(hooks) if isinstance(h, PeriodicCheckpointer)), None)
-        hooks.insert(len(hooks) if at is None else at, ResumeStateHook())
-        online = self.cfg.MODEL.EVALNORM.ONLINE
+        insert_hook(hooks, ResumeStateHook(), before=PeriodicCheckpointer)
         model = self.checkpointer.model  # not DDP-wrapped: layer names as in the checkpoints
-        if online.ENABLED and any(isinstance(m, EvalNorm2d) for m in model.modules()):
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, EvalNorm2d)]
+        online = self.cfg.MODEL.EVALNORM.ONLINE
+        if online.ENABLED and layers:
             hook = OnlineEstimationHook(
                 model,
                 lr=online.LR,
@@ -91,16 +95,19 @@ class Trainer(DefaultTrainer):
                 max_positions=online.MAX_POSITIONS or None,
                 start_iter=online.START_ITER,
             )
-            hooks.insert(2, hook)  # after IterationTimer and LRScheduler, before checkpoints
+            # After the model's step and the LR schedule's, before anything is saved or written.
+            insert_hook(hooks, hook, after=LRScheduler)
             # The writers keep only each scalar's latest value: write at least as often as the
             # hook logs, so TensorBoard and metrics.json get every alpha/beta point.
             for h in hooks:
                 if isinstance(h, PeriodicWriter):
-                    h._period = min(h._period, online.LOG_PERIOD)
-        if any(isinstance(m, EvalNorm2d) for m in model.modules()):
+                    write_at_least_every(h, online.LOG_PERIOD)
+        if layers:
             # After the estimation step, before anything is saved: NaN stops with the layer name.
-            at = next((i for i, h in enumerate(hooks) if isinstance(h, PeriodicCheckpointer)), None)
-            hooks.insert(len(hooks) if at is None else at, NonFiniteCheckHook(model))
+            # Training EvalNorm layers take a NaN into their running statistics in the very
+            # forward that meets it, so the first layer found is where it appeared.
+            nonfinite = NonFiniteCheckHook(layers, _CHECKED, kind="EvalNorm")
+            insert_hook(hooks, nonfinite, before=PeriodicCheckpointer)
         return hooks
 
     def resume_or_load(self, resume=True):
@@ -117,16 +124,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """detectron2's loader, its sampler wrapped in a :class:`SkippingSampler` (found again as
-        the loader's ``skipping_sampler``) so that a resumed run continues the data order."""
+        """detectron2's loader with the project's resizing, its sampler able to skip what a
+        resumed run already used (``resumable_train_loader``)."""
         mapper = DatasetMapper(cfg, is_train=True, augmentations=build_augmentation(cfg, True))
         with naming_missing_data(cfg.DATASETS.TRAIN, "DATASETS.TRAIN"):
-            kwargs = _train_loader_from_config(cfg, mapper=mapper)
-        if kwargs["sampler"] is not None:
-            kwargs["sampler"] = SkippingSampler(kwargs["sampler"])
-        loader = build_detection_train_loader(**kwargs)
-        loader.skipping_sampler = kwargs["sampler"]
-        return loader
+            return resumable_train_loader(cfg, mapper)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name, batch_size=1):
@@ -145,20 +147,20 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """``{mode: {dataset: results}}`` (``{mode: results}`` for one test dataset) for every
-        mode of ``TEST.EVALNORM_MODES``; prints and saves one table per dataset (see
-        ``write_tables``). Modes that need training batches ("en_offline", "precise_bn") take
+        """``{row: {dataset: results}}`` (``{row: results}`` for one test dataset) for every
+        row of ``TEST.EVALNORM_ROWS``; prints and saves one table per dataset (see
+        ``write_tables``). Rows that need training batches ("en_offline", "precise_bn") take
         them from ``build_train_loader``, B images per process."""
         if evaluators is not None:
-            raise ValueError("Trainer.test builds one evaluator per mode: pass evaluators=None")
+            raise ValueError("Trainer.test builds one evaluator per row: pass evaluators=None")
         if isinstance(model, DistributedDataParallel):
             model = model.module
-        images_per_gpu, _ = norm_batch_sizes(cfg)
+        images_per_gpu = norm_batch_sizes(cfg).images
         batches = []  # built at most once, and only if a mode needs them
 
         def train_batches():
             if not batches:
-                batches.append(training_batches(cfg, cls.build_train_loader))
+                batches.append(training_batches(cfg, cls.build_train_loader, images_per_gpu))
             return batches[0]
 
         kwargs = {
@@ -169,36 +171,36 @@ class Trainer(DefaultTrainer):
         results = {}
         for dataset_name in cfg.DATASETS.TEST:
             loader = cls.build_test_loader(cfg, dataset_name)
-            evaluate = functools.partial(cls._evaluate_mode, cfg, model, dataset_name, loader)
-            per_mode = evaluate_modes(model, test_modes(cfg), evaluate, **kwargs)
-            for mode, res in per_mode.items():
-                results.setdefault(mode, {})[dataset_name] = res
+            evaluate = functools.partial(cls.evaluate_row, cfg, model, dataset_name, loader)
+            per_row = evaluate_rows(model, configured_rows(cfg), evaluate, **kwargs)
+            for row, res in per_row.items():
+                results.setdefault(row, {})[dataset_name] = res
             if comm.is_main_process():
                 title = (
                     f"{dataset_name}: COCO box AP (%), {images_per_gpu} images per GPU in training"
                 )
-                cls._save_table(cfg, dataset_name, title, per_mode)
+                cls._save_table(cfg, dataset_name, title, per_row)
         if len(cfg.DATASETS.TEST) == 1:
-            results = {mode: r[cfg.DATASETS.TEST[0]] for mode, r in results.items()}
+            results = {row: r[cfg.DATASETS.TEST[0]] for row, r in results.items()}
         return results
 
     @classmethod
-    def _evaluate_mode(cls, cfg, model, dataset_name, loader, mode):
-        """COCO results of ``model`` (already in ``mode``) on ``dataset_name``."""
-        folder = os.path.join(cfg.OUTPUT_DIR, "inference", mode, dataset_name)
+    def evaluate_row(cls, cfg, model, dataset_name, loader, row):
+        """COCO results of ``model`` (already evaluating as row ``row``) on ``dataset_name``."""
+        folder = os.path.join(cfg.OUTPUT_DIR, "inference", row, dataset_name)
         res = inference_on_dataset(model, loader, cls.build_evaluator(cfg, dataset_name, folder))
         if comm.is_main_process():
-            logger.info("%s, mode %s:", dataset_name, mode)
+            logger.info("%s, row %s:", dataset_name, row)
             print_csv_format(res)
         return res
 
     @staticmethod
-    def _save_table(cfg, dataset_name, title, per_mode):
-        print(format_table(per_mode, title), flush=True)
+    def _save_table(cfg, dataset_name, title, per_row):
+        print(format_table(per_row, title), flush=True)
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         suffix = "" if len(cfg.DATASETS.TEST) == 1 else f"_{dataset_name}"
         prefix = os.path.join(cfg.OUTPUT_DIR, f"evalnorm_table{suffix}")
-        write_tables(per_mode, title, prefix)
+        write_tables(per_row, title, prefix)
         logger.info("EvalNorm table written to %s.{txt,csv,md}", prefix)
         with open(os.path.join(cfg.OUTPUT_DIR, f"evalnorm_results{suffix}.json"), "w") as f:
-            json.dump(per_mode, f, indent=2)
+            json.dump(per_row, f, indent=2)

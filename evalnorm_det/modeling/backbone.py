@@ -19,10 +19,10 @@ __all__ = [
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
-def build_evalnorm_resnet(cfg, input_shape, num_stages):
+def build_evalnorm_resnet(cfg, input_shape, num_stages, norm_batch_size):
     """detectron2's ResNet: the stem and the first ``num_stages`` stages (3: res2-res4, 4:
     res2-res5), returning ``MODEL.RESNETS.OUT_FEATURES``, normalized by
-    ``MODEL.EVALNORM.BACKBONE_NORM`` with B = images per GPU. ``MODEL.RESNETS`` sets the
+    ``MODEL.EVALNORM.BACKBONE_NORM`` with B = ``norm_batch_size`` (images per GPU). ``MODEL.RESNETS`` sets the
     architecture as for detectron2's ``build_resnet_backbone``, with the same module names (so
     the same checkpoints), except ``NORM``, which is ignored, and deformable convolutions, which
     are not supported. ``MODEL.BACKBONE.FREEZE_AT`` keeps its meaning (1: stem, 2: stem and
@@ -38,9 +38,8 @@ def build_evalnorm_resnet(cfg, input_shape, num_stages):
         raise ValueError(
             "MODEL.RESNETS.DEFORM_ON_PER_STAGE: deformable convolutions are unsupported"
         )
-    images_per_gpu, _ = norm_batch_sizes(cfg)
     norm = norm_factory(
-        cfg, cfg.MODEL.EVALNORM.BACKBONE_NORM, images_per_gpu, cfg.MODEL.EVALNORM.MICROBATCH
+        cfg, cfg.MODEL.EVALNORM.BACKBONE_NORM, norm_batch_size, cfg.MODEL.EVALNORM.MICROBATCH
     )
     stem = BasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, norm=norm)
     in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
@@ -88,7 +87,8 @@ def build_evalnorm_resnet_c4_backbone(cfg, input_shape):
             f"MODEL.RESNETS.OUT_FEATURES={out_features}: the C4 backbone ends at res4 "
             "(res5 belongs to EvalNormRes5ROIHeads); use ['res4']"
         )
-    return build_evalnorm_resnet(cfg, input_shape, num_stages=3)
+    images_per_gpu = norm_batch_sizes(cfg).images
+    return build_evalnorm_resnet(cfg, input_shape, num_stages=3, norm_batch_size=images_per_gpu)
 
 
 @BACKBONE_REGISTRY.register()
@@ -108,9 +108,11 @@ def build_evalnorm_resnet_fpn_backbone(cfg, input_shape):
         raise ValueError(
             f"MODEL.RESNETS.RES5_DILATION={r.RES5_DILATION}: FPN needs res5 at stride 32; use 1"
         )
-    images_per_gpu, _ = norm_batch_sizes(cfg)
+    images_per_gpu = norm_batch_sizes(cfg).images
     return FPN(
-        bottom_up=build_evalnorm_resnet(cfg, input_shape, num_stages=4),
+        bottom_up=build_evalnorm_resnet(
+            cfg, input_shape, num_stages=4, norm_batch_size=images_per_gpu
+        ),
         in_features=fpn.IN_FEATURES,
         out_channels=fpn.OUT_CHANNELS,
         norm=norm_factory(cfg, fpn.NORM, images_per_gpu, cfg.MODEL.EVALNORM.MICROBATCH),

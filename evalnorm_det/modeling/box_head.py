@@ -21,6 +21,6 @@ class EvalNormConvFCHead(FastRCNNConvFCHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        _, rois_per_gpu = norm_batch_sizes(cfg)
+        rois_per_gpu = norm_batch_sizes(cfg).rois
         ret["conv_norm"] = norm_factory(cfg, cfg.MODEL.EVALNORM.ROI_HEAD_NORM, rois_per_gpu)
         return ret

@@ -5,9 +5,10 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
-from ..config import norm_batch_sizes
-from ..convert import _replace_modules, convert_to_evalnorm
-from ..layers import EVALNORM_NAMES, EvalNorm2d, get_norm
+from evalnorm import EvalNorm2d, convert_to_evalnorm
+from evalnorm.convert import replace_modules
+
+from ..layers import EVALNORM_NAMES, get_norm
 
 __all__ = ["convert_norms", "freeze_norms", "in_roi_heads", "norm_factory", "reset_norms"]
 
@@ -44,16 +45,17 @@ def in_roi_heads(name):
     return "roi_heads" in name.split(".")
 
 
-def convert_norms(cfg, model):
+def convert_norms(cfg, model, batch_sizes):
     """Make every BatchNorm-type layer of a built detectron2 model that is not EvalNorm yet an
     ``EvalNorm2d`` (``FrozenBatchNorm2d``: a frozen one), keeping weights and statistics: a BN
     model becomes one that evaluates in every EvalNorm mode, and in "ema" exactly as before.
 
-    B is that of the layer's place in training (``norm_batch_sizes``): sampled ROIs per GPU in
-    the ROI heads, images per GPU elsewhere. alpha/beta start from ``MODEL.EVALNORM.INIT``, the
-    evaluation mode is ``MODEL.EVALNORM.EVAL_MODE``. In place; returns the number converted.
+    B is that of the layer's place in training, from ``batch_sizes`` (``NormBatchSizes``):
+    sampled ROIs per GPU in the ROI heads, images per GPU elsewhere. alpha/beta start from
+    ``MODEL.EVALNORM.INIT``, the evaluation mode is ``MODEL.EVALNORM.EVAL_MODE``. In place;
+    returns the number converted.
     """
-    images, rois = norm_batch_sizes(cfg)
+    images, rois = batch_sizes
     existing = {id(m) for m in model.modules() if isinstance(m, EvalNorm2d)}
     heads = [(name, m) for name, m in model.named_children() if in_roi_heads(name)]
     for name, head in heads:
@@ -77,7 +79,7 @@ def freeze_norms(module):
             m.frozen = True
             if m.frozen_en == "batch_stats":  # a frozen stage normalizes as FrozenBN
                 m.frozen_en = "batch_target"
-    return _replace_modules(
+    return replace_modules(
         module,
         lambda m: (
             isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not isinstance(m, EvalNorm2d)

@@ -41,7 +41,7 @@ class EvalNormRes5ROIHeads(Res5ROIHeads):
     @classmethod
     def _build_res5_block(cls, cfg):
         r = cfg.MODEL.RESNETS
-        _, rois_per_gpu = norm_batch_sizes(cfg)
+        rois_per_gpu = norm_batch_sizes(cfg).rois
         out_channels = r.RES2_OUT_CHANNELS * 8  # res5 has 8x res2's channels
         blocks = ResNet.make_stage(
             BottleneckBlock,

@@ -1,0 +1,235 @@
+"""Estimation of alpha and beta (paper section 3.4): online, in any PyTorch training loop, and
+offline, on a trained model."""
+
+import datetime
+import itertools
+import logging
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from .context import keep_running_stats
+from .layer import EvalNorm2d
+
+__all__ = ["OnlineEstimator", "estimate_offline"]
+
+logger = logging.getLogger(__name__)
+
+
+class OnlineEstimator:
+    """Estimates every EvalNorm2d's alpha and beta while the model trains, leaving training as is.
+
+    It switches on ``estimate_online`` in each ``EvalNorm2d`` of ``model``: every training
+    forward then leaves the gradient of the auxiliary loss (eqs. 7-9) for alpha/beta in the
+    layer. ``step()`` applies those gradients with this estimator's own optimizer, which holds
+    alpha and beta only: the model's optimizer, outputs, gradients, running statistics and
+    random stream are untouched. Usage::
+
+        estimator = OnlineEstimator(model)
+        for images, targets in loader:
+            loss = criterion(model(images), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            estimator.step()
+
+    Args:
+        model (nn.Module): has EvalNorm2d layers (see ``convert_to_evalnorm``).
+        lr (float): learning rate. alpha and beta are optimized as logits, so with Adam a step
+            changes them by about ``lr`` in relative terms, whatever their scale (1/B^2 is
+            0.25 for two images per GPU, 6e-5 for a box head's 128 ROIs).
+        optimizer (str): "adam" or "sgd".
+        momentum (float): SGD's momentum.
+        average_across_processes (bool): under ``torch.distributed``, average each gradient
+            over the processes that computed one, so every rank keeps identical alpha/beta.
+        max_positions (int or None): each layer's auxiliary loss uses about this many (sample,
+            position) pairs per channel, at a fixed stride; None: all. The statistics are
+            always those of the whole batch; only the loss's average is subsampled.
+    """
+
+    def __init__(
+        self,
+        model,
+        lr=0.01,
+        optimizer="adam",
+        momentum=0.9,
+        average_across_processes=True,
+        max_positions=None,
+    ):
+        self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, EvalNorm2d)]
+        if not self.layers:
+            raise ValueError(
+                "The model has no EvalNorm2d layer: convert_to_evalnorm(model, B) first"
+            )
+        at_bounds = [
+            name
+            for name, m in self.layers
+            if not (torch.isfinite(m.alpha_logit).item() and torch.isfinite(m.beta_logit).item())
+        ]
+        if at_bounds:
+            raise ValueError(
+                f"alpha or beta is exactly 0 or 1 in {len(at_bounds)} EvalNorm2d layer(s), first "
+                f"{at_bounds[0]!r}: estimation works on their logits and cannot leave 0 or 1. Start "
+                "from the rule of thumb (give the layers norm_batch_size) or set_coefficients(v), 0 < v < 1"
+            )
+        params = [p for _, m in self.layers for p in (m.alpha_logit, m.beta_logit)]
+        if optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=lr)
+        elif optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+        else:
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        if max_positions is not None and (
+            isinstance(max_positions, bool)
+            or not isinstance(max_positions, int)
+            or max_positions < 1
+        ):
+            raise ValueError(
+                f"max_positions must be an integer >= 1 or None, got {max_positions!r}"
+            )
+        self.max_positions = max_positions
+        self.average_across_processes = average_across_processes
+        self.enabled = True
+
+    @property
+    def enabled(self):
+        """Whether the layers compute the auxiliary loss in their training forwards."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value):
+        self._enabled = bool(value)
+        for _, m in self.layers:
+            m.estimate_online = self._enabled
+            m.aux_max_positions = self.max_positions
+
+    def step(self):
+        """Apply, then clear, the auxiliary-loss gradients accumulated since the last step."""
+        device = self.layers[0][1].alpha_logit.device
+        none = torch.zeros(3, device=device)
+        one = torch.ones(1, device=device)
+        # One row per layer: d/d(alpha_logit), d/d(beta_logit), and 1 if the layer has a gradient.
+        rows = torch.stack(
+            [
+                none
+                if grad is None
+                else torch.cat([grad.to(device=device, dtype=torch.float32), one])
+                for grad in (m.take_aux_grad() for _, m in self.layers)
+            ]
+        )
+        if self.average_across_processes and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(rows)
+        counts = rows[:, 2:]
+        grads = rows[:, :2] / counts.clamp(min=1)
+        for (_, m), grad, has_grad in zip(self.layers, grads, (counts[:, 0] > 0).tolist()):
+            if has_grad:
+                m.alpha_logit.grad = grad[0].to(m.alpha_logit)
+                m.beta_logit.grad = grad[1].to(m.beta_logit)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def coefficients(self):
+        """{layer name: (alpha, beta)} as Python floats, read with one device-to-host copy."""
+        values = torch.stack([torch.stack([m.alpha, m.beta]) for _, m in self.layers]).tolist()
+        return {name: tuple(ab) for (name, _), ab in zip(self.layers, values)}
+
+    def state_dict(self):
+        """The optimizer's state (alpha and beta themselves are in the model's state dict)."""
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+
+
+def estimate_offline(
+    model,
+    batches,
+    max_iter,
+    *,
+    lr=0.01,
+    optimizer="adam",
+    momentum=0.9,
+    patience=0,
+    min_delta=1e-3,
+    log_period=20,
+):
+    """Fit the alpha and beta of a trained model's EvalNorm2d layers ("EN offline", section 3.4).
+
+    Each batch goes through ``model`` as in training (``model(batch)``, training mode: every layer
+    normalizes with its batch's statistics), with no gradient for the model and running
+    statistics untouched (``keep_running_stats``); each layer's auxiliary loss (eqs. 7-9) steps
+    its alpha/beta with an :class:`OnlineEstimator`. Only alpha and beta change. Feed batches of
+    the size the model trained with: B samples per process.
+
+    Stops after ``max_iter`` batches, when ``batches`` ends, or, with ``patience`` > 0, when the
+    mean auxiliary loss over the last ``patience`` iterations is not lower than the previous
+    such block's by at least ``min_delta`` (relative). Under ``torch.distributed`` the losses
+    and gradients are averaged over processes, so every rank stops together with the same alpha
+    and beta. Logs progress every ``log_period`` iterations.
+
+    Returns:
+        dict: "iterations", "losses" (mean auxiliary loss over layers, per iteration, before its
+        step) and "stopped" ("max_iter", "plateau" or "data").
+    """
+    estimator = OnlineEstimator(model, lr=lr, optimizer=optimizer, momentum=momentum)
+    layers = [m for _, m in estimator.layers]
+    losses, best, stopped = [], math.inf, "max_iter"
+    was_training = model.training
+    start = time.perf_counter()
+    model.train()
+    try:
+        with keep_running_stats(model), torch.no_grad():
+            for it, batch in enumerate(itertools.islice(batches, max_iter), start=1):
+                for m in layers:
+                    m.last_aux_loss = None
+                model(batch)
+                losses.append(_mean_aux_loss(layers))
+                estimator.step()
+                if it % log_period == 0 or it == max_iter:
+                    seconds = (time.perf_counter() - start) / it
+                    eta = datetime.timedelta(seconds=round(seconds * (max_iter - it)))
+                    logger.info(
+                        "EN offline: iter %d/%d  aux loss %.5f  %.3f s/iter  ETA %s",
+                        it,
+                        max_iter,
+                        losses[-1],
+                        seconds,
+                        eta,
+                    )
+                if patience and it % patience == 0:
+                    block = sum(losses[-patience:]) / patience
+                    if block > best * (1 - min_delta):
+                        stopped = "plateau"
+                        break
+                    best = block
+            if stopped == "max_iter" and len(losses) < max_iter:
+                stopped = "data"
+    finally:
+        estimator.enabled = False
+        model.train(was_training)
+    logger.info(
+        "EN offline: stopped (%s) after %d iterations, aux loss %.5f -> %.5f",
+        stopped,
+        len(losses),
+        losses[0] if losses else math.nan,
+        losses[-1] if losses else math.nan,
+    )
+    return {"iterations": len(losses), "losses": losses, "stopped": stopped}
+
+
+def _mean_aux_loss(layers):
+    """This iteration's auxiliary loss averaged over the layers that computed one, and over
+    processes."""
+    values = [m.last_aux_loss.float() for m in layers if m.last_aux_loss is not None]
+    device = layers[0].alpha_logit.device
+    total = torch.stack(
+        [
+            sum(values, torch.zeros((), device=device)),
+            torch.tensor(float(len(values)), device=device),
+        ]
+    )
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
