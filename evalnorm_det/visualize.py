@@ -35,9 +35,11 @@ __all__ = [
     "normalized_activations",
     "plot_activations",
     "plot_coefficients",
+    "plot_sweep",
     "read_coefficients",
     "save_png",
     "smoothed_density",
+    "stage_groups",
     "summarize",
 ]
 
@@ -215,6 +217,53 @@ def plot_coefficients(coefficients, width=1400, height=800, dpi=100):
         _draw_groups(ax, layers, label_ticks=index == 1)
     axes[0].legend(ncol=min(len(coefficients), 4), fontsize="small", loc="upper right")
     fig.suptitle(f"EvalNorm coefficients of {len(layers)} layers, by stage and block")
+    return fig
+
+
+def stage_groups(model):
+    """``{stage: [stage module]}`` of a detectron2 model's EvalNorm layers (``layer_group``'s
+    stages: stem, res2, ..., the ROI heads' res5, the box head), in network order: the groups
+    ``evalnorm.diagnosis.coefficient_sweep`` evaluates one at a time."""
+    groups = {}
+    for name in evalnorm_layers(model):
+        stage = layer_group(name)[0]
+        groups.setdefault(stage.split(".")[-1], [stage])
+    return groups
+
+
+def plot_sweep(rows, metric="AP", width=1400, height=500, dpi=100):
+    """The coefficient sweep (``evalnorm.diagnosis.coefficient_sweep``'s rows) in three panels:
+    one alpha = beta for every layer, the estimated coefficients scaled, and EvalNorm in one
+    stage at a time; EMA and the estimated coefficients as horizontal lines. Returns the
+    figure."""
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True)
+    by_sweep = {}
+    for r in rows:
+        by_sweep.setdefault(r["sweep"], []).append(r)
+    panels = (
+        ("fixed", "one alpha = beta for every layer"),
+        ("scaled", "estimated alpha, beta x factor"),
+        ("group", "EvalNorm in one stage, EMA elsewhere"),
+    )
+    for ax, (sweep, xlabel) in zip(axes, panels):
+        points = by_sweep.get(sweep, [])
+        if sweep == "group":
+            ax.bar(range(len(points)), [r["score"] for r in points], color="C2")
+            ax.set_xticks(range(len(points)), [r["setting"] for r in points], rotation=30)
+        else:
+            ax.plot([r["setting"] for r in points], [r["score"] for r in points], "o-", color="C2")
+            if sweep == "fixed":
+                ax.set_xscale("symlog", linthresh=0.01)
+        for key, style, colour in (("ema", "--", "C0"), ("en", "-", "C1")):
+            for r in by_sweep.get(key, []):
+                ax.axhline(r["score"], linestyle=style, color=colour, label=key.upper())
+        ax.set_xlabel(xlabel)
+        ax.grid(color="0.9")
+        ax.set_axisbelow(True)
+    axes[0].set_ylabel(metric)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"{metric} of the same weights, evaluation statistics swept")
     return fig
 
 

@@ -10,6 +10,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from evalnorm import EvalNorm2d, evalnorm_mode, keep_running_stats
+from evalnorm.diagnosis import fixed_coefficients, restored_coefficients
 
 from ..config import TABLE_ROWS
 
@@ -76,7 +77,7 @@ def row_evaluation(model, row, train_batches=None, estimate_offline=None, precis
             with EventStorage():
                 precise_statistics(model, train_batches(), precise_bn_iters)
         if row in ("en_offline", "precise_bn_en_offline"):
-            stack.enter_context(_restored(model, ("alpha_logit", "beta_logit")))
+            stack.enter_context(restored_coefficients(model))
             estimate_offline(model, train_batches())
         elif row == "prediction_time_bn":
             stack.enter_context(fixed_coefficients(model, 1.0))
@@ -87,21 +88,6 @@ def row_evaluation(model, row, train_batches=None, estimate_offline=None, precis
             for name, head in model.named_modules():
                 if name.split(".")[-1] == "roi_heads":
                     stack.enter_context(evalnorm_mode(head, "batch"))
-        yield model
-
-
-@contextlib.contextmanager
-def fixed_coefficients(model, value):
-    """Within the block, every EvalNorm2d of ``model`` has alpha = beta = ``value`` (in [0, 1])
-    and evaluates in mode "en": one weight of the sample's own moments for the whole network
-    (1: prediction-time BN; a constant chosen on validation data: Summers and Dinneen's inference
-    example weighing). Coefficients and modes are restored on exit."""
-    layers = [m for m in model.modules() if isinstance(m, EvalNorm2d)]
-    if not layers:
-        raise ValueError("The model has no EvalNorm2d layer: convert_to_evalnorm(model, B) first")
-    with _restored(model, ("alpha_logit", "beta_logit")), evalnorm_mode(model, "en"):
-        for m in layers:
-            m.set_coefficients(value)  # 1 -> logit +inf, sigmoid(+inf) = 1 exactly
         yield model
 
 

@@ -1,6 +1,7 @@
 """Rescuing BN models: conversion, offline estimation, the rule-of-thumb tool, every row of the evaluation table."""
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -345,3 +346,25 @@ def test_norm_batch_size_is_checked_in_training_and_used_in_evaluation(tmp_path)
         check_evalnorm_config(tiny_cfg(tmp_path, "MODEL.EVALNORM.OFFLINE.PATIENCE", "-1"), 1)
     with pytest.raises(ValueError, match="TEST.EVALNORM_ROWS entry='precise'"):
         check_evalnorm_config(tiny_cfg(tmp_path, "TEST.EVALNORM_ROWS", "['precise']"), 1)
+
+
+def test_diagnose_tool_sweeps_the_coefficients(tmp_path, bn_checkpoint):
+    _, checkpoint = bn_checkpoint
+    tool = import_tool("diagnose_coefficients")
+    argv = ["--config-file", DEMO, "--values", "0,1", "--factors", "0,1"]
+    args = parse_args(tool.build_parser(), [*argv, *rescue_opts(tmp_path, checkpoint)])
+    rows = tool.main(args)
+    settings = [(r["sweep"], r["setting"]) for r in rows]
+    head = [("ema", ""), ("en", ""), ("rule_of_thumb", "1/B^2")]
+    assert settings[:7] == head + [(sweep, v) for sweep in ("fixed", "scaled") for v in (0.0, 1.0)]
+    assert [s for kind, s in settings[7:]] == ["stem", "res2", "res3", "res4", "res5"]
+    score = dict(zip(settings, (r["score"] for r in rows)))
+    same = (("ema", ""), ("fixed", 0.0), ("scaled", 0.0)), (("en", ""), ("rule_of_thumb", "1/B^2"))
+    for group in same:  # EMA three ways; a BN checkpoint's EN is the rule of thumb
+        assert len({repr(score[s]) for s in group}) == 1, [score[s] for s in group]
+    out = tmp_path / "output"
+    assert "scaled" in (out / "coefficient_sweep.txt").read_text()
+    assert len(json.loads((out / "coefficient_sweep.json").read_text())["rows"]) == len(rows)
+    assert (out / "coefficient_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        tool.main(args)

@@ -86,3 +86,24 @@ def test_plot_activations_numbers(argv, expected, capsys):
 def test_launch_flags(argv, expected, training, capsys):
     parser = argument_parser(training=training)
     assert expected in refused(lambda a: parse_args(parser, a), ["--config", DEMO, *argv], capsys)
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--values", "0,1.5", "expected comma-separated numbers in [0, 1], got '0,1.5'"),
+        ("--values", "a", "expected comma-separated numbers in [0, 1], got 'a'"),
+        ("--factors", "1,-1", "expected comma-separated numbers >= 0, got '1,-1'"),
+        ("--norm-batch-size", "0", "expected an integer >= 1, got '0'"),
+    ],
+)
+def test_diagnose_flags_are_checked(flag, value, expected, capsys):
+    parser = import_tool("diagnose_coefficients").build_parser()
+    argv = ["--config", DEMO, flag, value]
+    assert f"argument {flag}: {expected}" in refused(lambda a: parse_args(parser, a), argv, capsys)
+
+
+def test_diagnose_flags_parse_lists():
+    parser = import_tool("diagnose_coefficients").build_parser()
+    args = parse_args(parser, ["--config", DEMO, "--values", "0,0.5", "--factors", "", "SEED", "1"])
+    assert args.values == [0.0, 0.5] and args.factors == [] and args.opts == ["SEED", "1"]
