@@ -8,5 +8,7 @@ the protocol and the presets are described).
   ``tools/convert_imagenet_checkpoint.py``;
 - ``cells``: the data, one cell's config, training and every evaluation row of its weights;
 - ``report``: means over seeds, the tables, the headline (gap recovered), results files;
-- ``__main__``: the command line: arguments, output and work folders, resuming, the run.
+- ``__main__``: the command line: arguments, output and work folders, resuming, the run;
+- ``diagnose``: the coefficient sweeps (``evalnorm.diagnosis``) of trained cells, on the
+  selection split (``python -m benchmarks.detection_regimes.diagnose``).
 """

@@ -580,3 +580,32 @@ def test_report_only_rewrites_the_tables_from_every_cell(smoke, tmp_path):
     assert not (tmp_path / "no_work" / "cells").exists()  # nothing trained
     with pytest.raises(SystemExit):
         bench.main(argv + ["--overwrite"])
+
+
+def test_diagnose_sweeps_a_trained_cell(smoke, tmp_path):
+    diagnose = importlib.import_module("benchmarks.detection_regimes.diagnose")
+    tmp = smoke[1].parent  # the smoke run's folder: out/, work/, datasets/
+    name = regime_cells.cell_name("d", 2, 0)
+    argv = ["--preset", "smoke", name, "--work-dir", str(tmp / "work")]
+    argv += ["--output-dir", str(tmp_path)]
+    with _datasets(tmp / "datasets"), contextlib.redirect_stdout(io.StringIO()):
+        results = diagnose.main(argv)
+        again = diagnose.main(argv)  # read back, not measured again
+    rows = results[name]["rows"]
+    assert results[name]["dataset"] == "regimes_digits_smoke_selection"
+    sweeps = [r["sweep"] for r in rows]
+    assert sweeps[:3] == ["ema", "en", "rule_of_thumb"] and "group" in sweeps
+    assert again == results
+    assert f"| sweep | setting | {name} |" in (tmp_path / "results.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no trained cell 'x'"):
+        diagnose.main(
+            [
+                "--preset",
+                "smoke",
+                "x",
+                "--work-dir",
+                str(tmp / "work"),
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
