@@ -14,7 +14,6 @@ choose coefficients, give it a validation split kept apart from the test split. 
 table and writes OUTPUT_DIR/coefficient_sweep.{txt,json,png}.
 """
 
-import argparse
 import itertools
 import json
 import os
@@ -28,6 +27,7 @@ from evalnorm_det.engine import (
     argument_parser,
     launch_checked,
     load_evalnorm_model,
+    number_list,
     parse_args,
     positive_int,
     setup,
@@ -36,34 +36,18 @@ from evalnorm_det.engine import (
 OUTPUTS = ("coefficient_sweep.txt", "coefficient_sweep.json", "coefficient_sweep.png")
 
 
-def numbers(low, high=None):
-    """argparse type: comma-separated numbers in [low, high] (no upper bound for None)."""
-    expected = f"numbers in [{low:g}, {high:g}]" if high is not None else f"numbers >= {low:g}"
-
-    def parse(text):
-        try:
-            values = [float(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            values = None
-        if values is None or not all(low <= v <= (high if high is not None else v) for v in values):
-            raise argparse.ArgumentTypeError(f"expected comma-separated {expected}, got {text!r}")
-        return values
-
-    return parse
-
-
 def build_parser():
     parser = argument_parser(__doc__, training=False)
     parser.add_argument("--dataset", help="a registered dataset (default: DATASETS.TEST[0])")
     parser.add_argument(
         "--values",
-        type=numbers(0, 1),
+        type=number_list(0, 1),
         default=list(VALUES),
         help="alpha = beta for every layer, comma-separated ('' for none; default: %(default)s)",
     )
     parser.add_argument(
         "--factors",
-        type=numbers(0),
+        type=number_list(0),
         default=list(FACTORS),
         help="scalings of the estimated alpha, beta ('' for none; default: %(default)s)",
     )

@@ -17,6 +17,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.utils.env import seed_all_rng
 
 from evalnorm import EvalNorm2d, evalnorm_mode
+from evalnorm.diagnosis import fixed_coefficients
 from evalnorm_det import EvalNormCheckpointer, Trainer
 from evalnorm_det.data.digits import (
     datasets_root,
@@ -25,7 +26,7 @@ from evalnorm_det.data.digits import (
     split_paths,
 )
 from evalnorm_det.engine.defaults import setup_cfg
-from evalnorm_det.engine.evaluation import METRICS, fixed_coefficients
+from evalnorm_det.engine.evaluation import METRICS
 
 from ..stats import two_decimals
 from .settings import CONFIG, FROZEN_EN, IMS_PER_BATCH, task_suffix

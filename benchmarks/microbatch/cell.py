@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from evalnorm import OnlineEstimator, estimate_offline, evalnorm_mode, keep_running_stats
-from evalnorm_det.engine.evaluation import fixed_coefficients, precise_statistics
+from evalnorm.diagnosis import fixed_coefficients
+from evalnorm_det.engine.evaluation import precise_statistics
 
 from ..digit_scenes import DigitScenes
 from .model import build_model, coefficients, evalnorm_layers

@@ -3,6 +3,7 @@ config, the checked launch."""
 
 import argparse
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ __all__ = [
     "check_output",
     "launch_checked",
     "non_negative_int",
+    "number_list",
     "parse_args",
     "positive_int",
     "resolve_config_file",
@@ -87,6 +89,22 @@ def unit_interval(text):
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
     return value
+
+
+def number_list(low, high=math.inf):
+    """argparse type: comma-separated finite numbers in [low, high] ('' gives none)."""
+    expected = f"numbers in [{low:g}, {high:g}]" if high < math.inf else f"numbers >= {low:g}"
+
+    def parse(text):
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = None
+        if values is None or not all(math.isfinite(v) and low <= v <= high for v in values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {expected}, got {text!r}")
+        return values
+
+    return parse
 
 
 def _int_at_least(text, low):

@@ -17,7 +17,6 @@ from ..config import TABLE_ROWS
 __all__ = [
     "METRICS",
     "evaluate_rows",
-    "fixed_coefficients",
     "format_table",
     "precise_statistics",
     "row_evaluation",
