@@ -8,9 +8,13 @@ EMA, the estimated coefficients, the rule of thumb, and sweeps around them.
   weighing, 1 being prediction-time BN);
 - ``scaled``: every layer's estimated alpha and beta times one factor (0: EMA, 1: as estimated);
 - ``group``: the estimated coefficients in one group of layers (a stage), EMA elsewhere.
+
+``calibrate_coefficients`` keeps the best scaling of the estimated coefficients on such data.
 """
 
 import contextlib
+import math
+import numbers
 
 import torch
 
@@ -20,12 +24,14 @@ from .layer import EvalNorm2d
 __all__ = [
     "FACTORS",
     "VALUES",
+    "calibrate_coefficients",
     "coefficient_sweep",
     "evalnorm_only_in",
     "fixed_coefficients",
     "format_sweep",
     "layer_groups",
     "restored_coefficients",
+    "scale_coefficients",
     "scaled_coefficients",
 ]
 
@@ -66,17 +72,47 @@ def fixed_coefficients(model, value):
         yield model
 
 
+def scale_coefficients(model, factor):
+    """Multiply every EvalNorm2d's alpha and beta by ``factor`` (>= 0), capped at 1."""
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not factor >= 0:
+        raise ValueError(f"factor must be a number >= 0, got {factor!r}")
+    for _, m in _layers(model):
+        alpha, beta = (min(1.0, factor * v.item()) for v in (m.alpha, m.beta))
+        m.set_coefficients(alpha, beta)
+
+
 @contextlib.contextmanager
 def scaled_coefficients(model, factor):
     """Within the block, every EvalNorm2d evaluates in mode "en" with its own alpha and beta
     multiplied by ``factor`` (>= 0), capped at 1. Restored on exit."""
-    if not factor >= 0:
-        raise ValueError(f"factor must be a number >= 0, got {factor!r}")
     with restored_coefficients(model), evalnorm_mode(model, "en"):
-        for _, m in _layers(model):
-            alpha, beta = (min(1.0, factor * v.item()) for v in (m.alpha, m.beta))
-            m.set_coefficients(alpha, beta)
+        scale_coefficients(model, factor)
         yield model
+
+
+def calibrate_coefficients(model, evaluate, factors=FACTORS):
+    """Scale the estimated alpha and beta by the factor that scores best on validation data.
+
+    ``evaluate(model)`` scores the model in eval() (higher is better: top-1 accuracy, COCO AP)
+    on data kept apart from the test data; it is called once per factor, with every layer's
+    alpha and beta multiplied by it (``scaled_coefficients``). The best factor is applied for
+    good; ties go to the smaller factor. With 0 among ``factors`` (the default), EMA is one of
+    the candidates, so the calibrated model is never worse than EMA on that data.
+
+    Returns:
+        dict: "factor" (the one applied) and "scores" (a list of [factor, score]).
+    """
+    factors = sorted(set(factors))
+    if not factors:
+        raise ValueError("factors is empty: give at least one scaling of alpha and beta")
+    scores = []
+    for factor in factors:
+        with scaled_coefficients(model, factor):
+            scores.append([factor, float(evaluate(model))])
+    # A score of NaN (COCO AP with no detections at all) ranks last.
+    best = max(scores, key=lambda fs: (-math.inf if math.isnan(fs[1]) else fs[1], -fs[0]))[0]
+    scale_coefficients(model, best)
+    return {"factor": best, "scores": scores}
 
 
 @contextlib.contextmanager

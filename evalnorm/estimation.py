@@ -1,6 +1,7 @@
 """Estimation of alpha and beta (paper section 3.4): online, in any PyTorch training loop, and
 offline, on a trained model."""
 
+import contextlib
 import datetime
 import itertools
 import logging
@@ -10,10 +11,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from .context import keep_running_stats
+from . import functional as EF
+from .context import evalnorm_mode, keep_running_stats
 from .layer import EvalNorm2d
 
-__all__ = ["OnlineEstimator", "estimate_offline"]
+__all__ = ["INPUTS", "OnlineEstimator", "estimate_offline"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +145,15 @@ class OnlineEstimator:
         self.optimizer.load_state_dict(state_dict["optimizer"])
 
 
+INPUTS = ("training", "evaluation")
+
+
 def estimate_offline(
     model,
     batches,
     max_iter,
     *,
+    inputs="training",
     lr=0.01,
     optimizer="adam",
     momentum=0.9,
@@ -159,39 +165,54 @@ def estimate_offline(
 
     Each batch goes through ``model`` as in training (``model(batch)``, training mode: every layer
     normalizes with its batch's statistics), with no gradient for the model and running
-    statistics untouched (``keep_running_stats``); each layer's auxiliary loss (eqs. 7-9) steps
-    its alpha/beta with an :class:`OnlineEstimator`. Only alpha and beta change. Feed batches of
-    the size the model trained with: B samples per process.
+    statistics untouched (``keep_running_stats``); each layer's loss steps its alpha/beta with an
+    :class:`OnlineEstimator`. Only alpha and beta change. Feed batches of the size the model
+    trained with: B samples per process. ``inputs`` says what each layer is fitted on:
+
+    - "training" (the paper's auxiliary loss, eqs. 7-9): the layer's inputs in that training
+      forward, normalized both ways;
+    - "evaluation": the layer's inputs in an evaluation forward of the same batch (``eval()``,
+      every EvalNorm2d in mode "en" with its current alpha/beta), normalized by EvalNorm,
+      against the training forward's normalization of the same samples (``matching_loss``).
+      Each layer is then fitted on the inputs it sees at evaluation, with the layers upstream
+      evaluating as EvalNorm; all layers step together, so a layer's fit follows its upstream
+      layers' as they converge. Every layer must see the same samples in both forwards: fit a
+      detector's backbone (``model.backbone``), not its ROI heads, whose boxes differ between a
+      training and an evaluation forward.
 
     Stops after ``max_iter`` batches, when ``batches`` ends, or, with ``patience`` > 0, when the
-    mean auxiliary loss over the last ``patience`` iterations is not lower than the previous
-    such block's by at least ``min_delta`` (relative). Under ``torch.distributed`` the losses
-    and gradients are averaged over processes, so every rank stops together with the same alpha
-    and beta. Logs progress every ``log_period`` iterations.
+    mean loss over the last ``patience`` iterations is not lower than the previous such
+    block's by at least ``min_delta`` (relative). Under ``torch.distributed`` the losses and
+    gradients are averaged over processes, so every rank stops together with the same alpha and
+    beta. Logs progress every ``log_period`` iterations.
 
     Returns:
-        dict: "iterations", "losses" (mean auxiliary loss over layers, per iteration, before its
-        step) and "stopped" ("max_iter", "plateau" or "data").
+        dict: "iterations", "losses" (mean loss over layers, per iteration, before its step) and
+        "stopped" ("max_iter", "plateau" or "data").
     """
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
     estimator = OnlineEstimator(model, lr=lr, optimizer=optimizer, momentum=momentum)
     layers = [m for _, m in estimator.layers]
+    fit = _fit_on_training_inputs if inputs == "training" else _fit_on_evaluation_inputs
+    if inputs == "evaluation":
+        estimator.enabled = False  # the layers' own (training-input) loss stays off
     losses, best, stopped = [], math.inf, "max_iter"
     was_training = model.training
     start = time.perf_counter()
-    model.train()
     try:
         with keep_running_stats(model), torch.no_grad():
             for it, batch in enumerate(itertools.islice(batches, max_iter), start=1):
                 for m in layers:
                     m.last_aux_loss = None
-                model(batch)
+                fit(model, estimator.layers, batch)
                 losses.append(_mean_aux_loss(layers))
                 estimator.step()
                 if it % log_period == 0 or it == max_iter:
                     seconds = (time.perf_counter() - start) / it
                     eta = datetime.timedelta(seconds=round(seconds * (max_iter - it)))
                     logger.info(
-                        "EN offline: iter %d/%d  aux loss %.5f  %.3f s/iter  ETA %s",
+                        "EN offline: iter %d/%d  loss %.5f  %.3f s/iter  ETA %s",
                         it,
                         max_iter,
                         losses[-1],
@@ -210,13 +231,100 @@ def estimate_offline(
         estimator.enabled = False
         model.train(was_training)
     logger.info(
-        "EN offline: stopped (%s) after %d iterations, aux loss %.5f -> %.5f",
+        "EN offline (%s inputs): stopped (%s) after %d iterations, loss %.5f -> %.5f",
+        inputs,
         stopped,
         len(losses),
         losses[0] if losses else math.nan,
         losses[-1] if losses else math.nan,
     )
     return {"iterations": len(losses), "losses": losses, "stopped": stopped}
+
+
+def _fit_on_training_inputs(model, layers, batch):
+    """One training forward; each estimating layer leaves its auxiliary-loss gradient."""
+    model.train()
+    model(batch)
+
+
+def _fit_on_evaluation_inputs(model, layers, batch):
+    """A training forward records each layer's normalization of its samples (the targets);
+    an evaluation forward of the same batch then leaves, in each layer, the gradient of
+    ``matching_loss`` between EvalNorm's normalization of its evaluation inputs and them."""
+    targets = {m: [] for _, m in layers}
+
+    def record(m, args, output):
+        targets[m].append(_training_normalization(m, args[0]))
+
+    def match(m, args, output):
+        name = names[m]
+        if not targets[m]:
+            raise ValueError(
+                f"EvalNorm2d {name!r} ran more often in the evaluation forward than in the "
+                "training one: its inputs do not correspond sample by sample"
+            )
+        target = targets[m].pop(0)
+        if target.shape != args[0].shape:
+            raise ValueError(
+                f"EvalNorm2d {name!r} saw inputs of shape {tuple(target.shape)} in the training "
+                f"forward and {tuple(args[0].shape)} in the evaluation forward: fitting on "
+                "evaluation inputs needs the same samples in both (a backbone, not ROI heads)"
+            )
+        _add_matching_grad(m, args[0], target)
+
+    names = {m: name for name, m in layers}
+    model.train()
+    with _hooked(targets, record):
+        model(batch)
+    model.eval()
+    with evalnorm_mode(model, "en"), _hooked(targets, match):
+        model(batch)
+
+
+@contextlib.contextmanager
+def _hooked(layers, hook):
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _training_normalization(m, x):
+    """``(x - mu_b) / sqrt(var_b + eps)``: how the training forward normalized ``x`` in layer
+    ``m`` before its affine transform (for a frozen layer, the target its ``frozen_en`` names)."""
+    x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+    mu_i, var_i = EF.sample_statistics(x)
+    if m.frozen and m.frozen_en == "frozen_target":
+        mu_b = m.running_mean.to(x.dtype).expand_as(mu_i)
+        var_b = m.running_var.to(x.dtype).expand_as(var_i)
+    else:
+        mu_b, var_b = EF.normalization_batch_statistics(
+            mu_i, var_i, m.training_group_size(x.shape[0])
+        )
+    return (x - mu_b[:, :, None, None]) * torch.rsqrt(var_b + m.eps)[:, :, None, None]
+
+
+def _add_matching_grad(m, x, target):
+    x = x.detach().to(target.dtype)
+    with torch.enable_grad():
+        mu_i, var_i = EF.sample_statistics(x)
+        alpha_logit = m.alpha_logit.detach().to(x.dtype).requires_grad_()
+        beta_logit = m.beta_logit.detach().to(x.dtype).requires_grad_()
+        loss = EF.matching_loss(
+            x,
+            target,
+            mu_i,
+            var_i,
+            m.running_mean.to(x.dtype),
+            m.running_var.to(x.dtype),
+            torch.sigmoid(alpha_logit),
+            torch.sigmoid(beta_logit),
+            m.eps,
+        )
+        grad = torch.stack(torch.autograd.grad(loss, (alpha_logit, beta_logit)))
+    m.add_aux_grad(grad, loss)
 
 
 def _mean_aux_loss(layers):

@@ -13,6 +13,7 @@ __all__ = [
     "evalnorm",
     "evalnorm_statistics",
     "is_exporting",
+    "matching_loss",
     "normalization_batch_statistics",
     "sample_statistics",
 ]
@@ -140,4 +141,30 @@ def auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, beta, eps, m
         sum_sign_x = sign.mul_(x).sum(2)
     # (surrogate - surrogate.detach()) is 0, with the gradient of the loss.
     surrogate = (slope * sum_sign_x + offset * sum_sign).sum()
+    return (total + (surrogate - surrogate.detach())) / diff.numel()
+
+
+def matching_loss(x, target, mu_i, var_i, mu_e, var_e, alpha, beta, eps):
+    """Mean ``|target - (x - mu_hat) / sqrt(var_hat + eps)|``: EvalNorm's normalization (eqs.
+    5-6) of ``x`` against a ``target`` of the same shape, computed elsewhere.
+
+    ``auxiliary_loss`` is this loss with ``target = (x - mu_b) / sqrt(var_b + eps)``, the same
+    ``x`` normalized as in training. Here ``x`` may be another tensor than the one training
+    normalized: the layer's input at evaluation, where upstream layers evaluate with EvalNorm,
+    against the training forward's normalization of the same samples. As in ``auxiliary_loss``
+    the gradient reaches the coefficients (and statistics) through two sums over positions,
+    with no backward pass over the activations; ``x`` and ``target`` get none.
+    """
+    mu_hat, var_hat = evalnorm_statistics(mu_i, var_i, mu_e, var_e, alpha, beta)
+    r_hat = torch.rsqrt(var_hat + eps)
+    offset = mu_hat * r_hat
+    x, target = x.flatten(2), target.flatten(2)
+    with torch.no_grad():
+        diff = target - torch.addcmul(-offset.detach()[:, :, None], x, r_hat.detach()[:, :, None])
+        total = torch.linalg.vector_norm(diff, ord=1)
+        sign = diff.sign_()
+        sum_sign = sign.sum(2)
+        sum_sign_x = sign.mul_(x).sum(2)
+    # d|target - r_hat * x + offset| = sign * (offset - x * r_hat)' per position.
+    surrogate = (offset * sum_sign - r_hat * sum_sign_x).sum()
     return (total + (surrogate - surrogate.detach())) / diff.numel()

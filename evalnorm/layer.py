@@ -83,8 +83,10 @@ class EvalNorm2d(nn.BatchNorm2d):
         frozen (bool): regime (c): the running statistics are never updated and ``weight``/
             ``bias`` do not train (like detectron2's ``FrozenBatchNorm2d``); ``frozen_en`` says
             what training normalizes with. alpha/beta can still be estimated online.
-        frozen_en (str): one of ``FROZEN_EN_CHOICES`` (default "batch_target": training
-            normalizes with the running statistics); used only when ``frozen``.
+        frozen_en (str): one of ``FROZEN_EN_CHOICES``; used only when ``frozen``. Default
+            "frozen_target": alpha/beta are fitted to what training produced, so they stay
+            near 0 and the layer evaluates as its frozen statistics do (EMA); the paper's
+            "batch_target" made EvalNorm collapse in the detection regimes' miniature.
         init: initial alpha = beta: a number in [0, 1], "rule_of_thumb" (1/B^2), "simple"
             (1/B) or "ema" (0). Default: the rule of thumb when ``norm_batch_size`` is known,
             else 0 (evaluation then equals ``BatchNorm2d``'s until coefficients are set).
@@ -109,7 +111,7 @@ class EvalNorm2d(nn.BatchNorm2d):
         norm_batch_size=None,
         microbatch=False,
         frozen=False,
-        frozen_en="batch_target",
+        frozen_en="frozen_target",
         init=None,
         device=None,
         dtype=None,
@@ -311,6 +313,11 @@ class EvalNorm2d(nn.BatchNorm2d):
                 self.aux_max_positions,
             )
             grad = torch.stack(torch.autograd.grad(loss, (alpha_logit, beta_logit)))
+        self.add_aux_grad(grad, loss)
+
+    def add_aux_grad(self, grad, loss):
+        """Add ``grad``, d(loss)/d(alpha_logit, beta_logit) of shape (2,), to the sum that
+        ``take_aux_grad`` returns, and keep ``loss`` as ``last_aux_loss``."""
         grad = grad.to(self.alpha_logit.dtype)
         self._aux_grad = grad if self._aux_grad is None else self._aux_grad + grad
         self.last_aux_loss = loss.detach()

@@ -7,6 +7,8 @@ from detectron2.config import CfgNode as CN
 from detectron2.utils import comm
 
 from evalnorm import EVAL_MODES, FROZEN_EN_CHOICES
+from evalnorm.diagnosis import FACTORS
+from evalnorm.estimation import INPUTS
 
 from .layers import EVALNORM_NAMES
 
@@ -40,6 +42,8 @@ TABLE_ROWS = {
     # Nado et al. 2020, with a test batch of one sample)
     "prediction_time_bn": "prediction-time BN",
     "precise_bn_en_offline": "PreciseBN + EN offline",  # "precise_bn", then "en_offline"
+    # alpha/beta scaled by the factor best on TEST.EVALNORM_CALIBRATION.DATASET (0: EMA)
+    "en_calibrated": "EN calibrated",
 }
 
 
@@ -54,18 +58,18 @@ def add_evalnorm_config(cfg):
     _C.MODEL.EVALNORM.BACKBONE_NORM = "EN"
     _C.MODEL.EVALNORM.ROI_HEAD_NORM = "EN"
     # How "FrozenEN" layers train (regime (c); their statistics and affine never change):
+    # "frozen_target" (default): they normalize with the frozen statistics, and alpha/beta are
+    # estimated against that frozen normalization (x - mu_E) / sqrt(var_E + eps), what training
+    # produced: alpha = beta = 0 (EMA) is then optimal, so EN cannot do worse than EMA there;
     # "batch_target": they normalize with the frozen statistics, and alpha/beta are estimated
     # against the batch-normalized target (x - mu_B) / sqrt(var_B + eps), which training never
     # produced (the first reading of the paper; EN collapsed with it in the miniature);
-    # "frozen_target": they normalize with the frozen statistics, and alpha/beta are estimated
-    # against that frozen normalization (x - mu_E) / sqrt(var_E + eps), what training produced:
-    # alpha = beta = 0 (EMA) is then optimal, so EN cannot do worse than EMA there;
     # "batch_stats": Table 2's header read literally ("BN EMA stats: ImageNet, not trained"):
     # they normalize with batch statistics, as BN in training (groups of NORM_BATCH_SIZE with
     # MICROBATCH), the EMA statistics and affine frozen; alpha/beta estimated as in
     # "batch_target". Stages frozen by MODEL.BACKBONE.FREEZE_AT always normalize with the
     # frozen statistics ("batch_stats" becomes "batch_target" there).
-    _C.MODEL.EVALNORM.FROZEN_EN = "batch_target"
+    _C.MODEL.EVALNORM.FROZEN_EN = "frozen_target"
     # Images per GPU the model trains with (or was trained with): B of the backbone's norms,
     # and with MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE that of the ROI head's. 0 derives it as
     # SOLVER.IMS_PER_BATCH / number of processes. Set it so that evaluation, offline
@@ -127,6 +131,11 @@ def add_evalnorm_config(cfg):
     _C.MODEL.EVALNORM.OFFLINE.LR = 0.01
     _C.MODEL.EVALNORM.OFFLINE.MOMENTUM = 0.9  # SGD only
     _C.MODEL.EVALNORM.OFFLINE.LOG_PERIOD = 20
+    # What each layer is fitted on (evalnorm.estimate_offline's ``inputs``): "training" (the
+    # paper's: its inputs in the training forward) or "evaluation" (its inputs in an evaluation
+    # forward, the layers upstream evaluating as EvalNorm). "evaluation" fits the backbone's
+    # layers only: the ROI heads see other boxes in the two forwards and keep their alpha/beta.
+    _C.MODEL.EVALNORM.OFFLINE.INPUTS = "training"
 
     # The rows of the evaluation table, each a normalization the trainer tests the same weights
     # with (see TABLE_ROWS above): "ema", "en", "en_offline",
@@ -137,6 +146,13 @@ def add_evalnorm_config(cfg):
     _C.TEST.EVALNORM_ROWS = ["ema", "en", "rule_of_thumb"]
     # Deprecated name of TEST.EVALNORM_ROWS, read (with a FutureWarning) when not empty.
     _C.TEST.EVALNORM_MODES = []
+    # Calibration ("en_calibrated" row, tools/calibrate_coefficients.py): every alpha and beta
+    # times the factor of FACTORS with the best box AP on DATASET, a registered dataset kept
+    # apart from DATASETS.TEST (a validation split); ties go to the smaller factor. With 0 among
+    # FACTORS, EMA is a candidate: the calibrated model is never worse than EMA on DATASET.
+    _C.TEST.EVALNORM_CALIBRATION = CN()
+    _C.TEST.EVALNORM_CALIBRATION.DATASET = ""
+    _C.TEST.EVALNORM_CALIBRATION.FACTORS = list(FACTORS)
 
     # When > 0, every image is resized to SQUARE_SIZE x SQUARE_SIZE, in training and test
     # (the paper's 600x600), instead of INPUT.MIN_SIZE_* / MAX_SIZE_*.
@@ -194,9 +210,12 @@ def _rows_key(cfg):
 
 def configured_rows(cfg):
     """The rows of the evaluation table: ``TEST.EVALNORM_ROWS`` with "all" expanded, in
-    ``TABLE_ROWS`` order."""
+    ``TABLE_ROWS`` order ("en_calibrated" only where a calibration dataset is set)."""
     rows = _rows_key(cfg)[1]
-    return list(TABLE_ROWS) if "all" in rows else rows
+    if "all" not in rows:
+        return rows
+    calibrated = bool(cfg.TEST.EVALNORM_CALIBRATION.DATASET)
+    return [r for r in TABLE_ROWS if r != "en_calibrated" or calibrated]
 
 
 def check_evalnorm_config(cfg, world_size=None, training=True):
@@ -223,6 +242,7 @@ def check_evalnorm_config(cfg, world_size=None, training=True):
                 expected = "[0, 1]" if bounds_ok else "(0, 1) while ONLINE.ENABLED is True"
                 raise ValueError(f"MODEL.EVALNORM.{key}={v!r}: expected a number in {expected}")
     _check_choice(en.OFFLINE.OPTIMIZER, OPTIMIZERS, "MODEL.EVALNORM.OFFLINE.OPTIMIZER")
+    _check_choice(en.OFFLINE.INPUTS, INPUTS, "MODEL.EVALNORM.OFFLINE.INPUTS")
     _check_number("MODEL.EVALNORM.ONLINE.LR", en.ONLINE.LR, "> 0")
     _check_number("MODEL.EVALNORM.OFFLINE.LR", en.OFFLINE.LR, "> 0")
     _check_number("MODEL.EVALNORM.OFFLINE.MIN_DELTA", en.OFFLINE.MIN_DELTA, ">= 0")
@@ -246,6 +266,7 @@ def check_evalnorm_config(cfg, world_size=None, training=True):
         raise ValueError(f"{rows_key} is empty: list at least one of " + ", ".join(TABLE_ROWS))
     for row in rows:
         _check_choice(row, (*TABLE_ROWS, "all"), f"{rows_key} entry")
+    _check_calibration(cfg, rows_key, rows)
     if cfg.INPUT.SQUARE_SIZE < 0:
         raise ValueError(f"INPUT.SQUARE_SIZE={cfg.INPUT.SQUARE_SIZE!r}: expected 0 (off) or > 0")
     if en.MICROBATCH:
@@ -266,6 +287,26 @@ def check_evalnorm_config(cfg, world_size=None, training=True):
                 f"{cfg.SOLVER.IMS_PER_BATCH // images} processes = {images} images on each GPU. "
                 f"Set SOLVER.IMS_PER_BATCH to {en.NORM_BATCH_SIZE} x the number of GPUs."
             )
+
+
+def _check_calibration(cfg, rows_key, rows):
+    calibration = cfg.TEST.EVALNORM_CALIBRATION
+    factors = list(calibration.FACTORS)
+    if not factors:
+        raise ValueError("TEST.EVALNORM_CALIBRATION.FACTORS is empty: give factors >= 0")
+    for factor in factors:
+        _check_number("TEST.EVALNORM_CALIBRATION.FACTORS entry", factor, ">= 0")
+    if "en_calibrated" in rows and not calibration.DATASET:
+        raise ValueError(
+            f"{rows_key} has 'en_calibrated', which needs TEST.EVALNORM_CALIBRATION.DATASET: "
+            "a registered validation dataset kept apart from DATASETS.TEST"
+        )
+    if calibration.DATASET and calibration.DATASET in cfg.DATASETS.TEST:
+        raise ValueError(
+            f"TEST.EVALNORM_CALIBRATION.DATASET={calibration.DATASET!r} is also in DATASETS.TEST: "
+            "calibrating on the test data would report a choice made on it; give a validation "
+            "split kept apart from the test split"
+        )
 
 
 def _check_microbatch(cfg):

@@ -58,12 +58,12 @@ output/benchmarks/detection_regimes/<preset>/work), never to the output dir. Pre
   conclusions: (d) at 2 and 8, (c) at 2 in its three readings, seed 0. Leaves out (a), (b),
   N = 4, (c) at 8 and the extra seeds. About 25 min with ``--threads 1`` (estimated from the
   full preset's measured times, not run end to end).
-- full: 1000 iterations (8000 images), 2000 training, 300 test and 200 selection images, 26
+- full: 1000 iterations (8000 images), 2000 training, 300 test and 200 selection images, 30
   cells: the four regimes x {2, 4, 8} seed 0, (d) seeds 1 and 2, (c) and (c) (i) seed 1 at 2
-  and 8, (c) (i) and (ii) at 2 and 8; ordered (d) 2 and 8, then every (c) at 2 and 8, then (a)
+  and 8, (c) (i) and (ii) at 2 and 8, (a) seeds 1 and 2 and (c), (c) (i) seed 2 at 2; ordered (d) 2 and 8, then every (c) at 2 and 8, then (a)
   2 and 8, then the rest. Measured with ``--threads 1`` on a 2-core machine whose other core ran
   another job: the stand-in 73 s, then 0.40 s per iteration; cell (d) N = 2: 436 s training +
-  154 s evaluation (every row) = 9.8 min; N = 8: 456 + 208 s = 11.1 min; about 4.5 h in all
+  154 s evaluation (every row) = 9.8 min; N = 8: 456 + 208 s = 11.1 min; about 5 h in all
   (see each cell's "seconds").
 """
 

@@ -43,6 +43,8 @@ FULL_CELLS = (
     + _cells("d", (2, 8, 4), (1, 2))
     + _cells("c", (2, 8), (1,))
     + _cells(("c_frozen_target",), (2, 8), (1,))
+    + _cells("a", (2,), (1, 2))
+    + _cells(("c", "c_frozen_target"), (2,), (2,))
 )
 
 

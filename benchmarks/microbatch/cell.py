@@ -2,6 +2,7 @@
 microbatch B, then evaluated every way in ``EVALUATIONS``, same weights. ``measure_cell`` is
 what the worker processes of ``python -m benchmarks.microbatch`` run."""
 
+import contextlib
 import copy
 import math
 import time
@@ -42,10 +43,11 @@ def learning_rate(step, steps, base_lr, warmup):
 
 
 @torch.no_grad()
-def error(model, x, y, mode, chunk=1152):
-    """Error (%) of ``model`` on images ``x``, labels ``y``, in EvalNorm ``mode``."""
+def error(model, x, y, mode=None, chunk=1152):
+    """Error (%) of ``model`` on images ``x``, labels ``y``, in EvalNorm ``mode`` (None: the
+    modes the layers hold)."""
     model.eval()
-    with evalnorm_mode(model, mode):
+    with contextlib.nullcontext() if mode is None else evalnorm_mode(model, mode):
         wrong = sum(
             (model(a).argmax(1) != b).sum().item() for a, b in zip(x.split(chunk), y.split(chunk))
         )

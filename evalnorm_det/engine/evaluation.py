@@ -35,6 +35,7 @@ LAYER_MODES = {
     "head_batch_stats": "ema",
     "prediction_time_bn": "en",
     "precise_bn_en_offline": "en",
+    "en_calibrated": "en",
 }
 NEEDS_EVALNORM = (
     "en",
@@ -44,11 +45,14 @@ NEEDS_EVALNORM = (
     "head_batch_stats",
     "prediction_time_bn",
     "precise_bn_en_offline",
+    "en_calibrated",
 )
 
 
 @contextlib.contextmanager
-def row_evaluation(model, row, train_batches=None, estimate_offline=None, precise_bn_iters=200):
+def row_evaluation(
+    model, row, train_batches=None, estimate_offline=None, precise_bn_iters=200, calibrate=None
+):
     """Within the block, ``model`` evaluates as row ``row`` (a key of ``TABLE_ROWS``); on exit
     every coefficient, statistic and mode is as before.
 
@@ -62,6 +66,8 @@ def row_evaluation(model, row, train_batches=None, estimate_offline=None, precis
     - "prediction_time_bn": alpha = beta = 1 in every EvalNorm2d (``fixed_coefficients``).
     - "precise_bn_en_offline": as "precise_bn", then alpha/beta fitted offline as "en_offline"
       on fresh batches of ``train_batches()``, then "en".
+    - "en_calibrated": ``calibrate(model)`` scales alpha/beta (``calibrate_coefficients`` on a
+      validation split), then "en".
 
     ``train_batches``: a callable returning an iterator of training batches, B images per process.
     """
@@ -78,6 +84,9 @@ def row_evaluation(model, row, train_batches=None, estimate_offline=None, precis
         if row in ("en_offline", "precise_bn_en_offline"):
             stack.enter_context(restored_coefficients(model))
             estimate_offline(model, train_batches())
+        elif row == "en_calibrated":
+            stack.enter_context(restored_coefficients(model))
+            calibrate(model)
         elif row == "prediction_time_bn":
             stack.enter_context(fixed_coefficients(model, 1.0))
         layer_mode = LAYER_MODES.get(row, row)

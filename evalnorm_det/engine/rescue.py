@@ -92,13 +92,18 @@ def training_batches(cfg, build_train_loader, images_per_gpu):
 
 def estimate_offline_from_config(cfg, model, batches):
     """:func:`estimate_offline` with ``MODEL.EVALNORM.OFFLINE``'s settings, in an event storage
-    (detectron2's models log to one in training mode)."""
+    (detectron2's models log to one in training mode). With ``INPUTS`` "evaluation" it fits
+    ``model.backbone`` on the batches' preprocessed images; the other layers keep theirs."""
     offline = cfg.MODEL.EVALNORM.OFFLINE
+    if offline.INPUTS == "evaluation":
+        detector, model = model, model.backbone
+        batches = (detector.preprocess_image(batch).tensor for batch in batches)
     with EventStorage():
         return estimate_offline(
             model,
             batches,
             offline.MAX_ITER,
+            inputs=offline.INPUTS,
             lr=offline.LR,
             optimizer=offline.OPTIMIZER,
             momentum=offline.MOMENTUM,

@@ -1,6 +1,7 @@
 """``Trainer``: detectron2's ``DefaultTrainer`` with EvalNorm's hook, checks and evaluation."""
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from evalnorm import EvalNorm2d
+from evalnorm.diagnosis import calibrate_coefficients
 
 from ..config import check_evalnorm_config, configured_rows, norm_batch_sizes
 from ..modeling import reset_norms
@@ -167,6 +169,7 @@ class Trainer(DefaultTrainer):
             "train_batches": train_batches,
             "estimate_offline": functools.partial(estimate_offline_from_config, cfg),
             "precise_bn_iters": cfg.TEST.PRECISE_BN.NUM_ITER,
+            "calibrate": functools.partial(cls.calibrate, cfg),
         }
         results = {}
         for dataset_name in cfg.DATASETS.TEST:
@@ -183,6 +186,28 @@ class Trainer(DefaultTrainer):
         if len(cfg.DATASETS.TEST) == 1:
             results = {row: r[cfg.DATASETS.TEST[0]] for row, r in results.items()}
         return results
+
+    @classmethod
+    def calibrate(cls, cfg, model):
+        """``calibrate_coefficients`` of ``model`` by box AP on
+        ``TEST.EVALNORM_CALIBRATION.DATASET`` over its ``FACTORS``; logs and returns its
+        result (the factor applied and every factor's AP)."""
+        dataset = cfg.TEST.EVALNORM_CALIBRATION.DATASET
+        loader = cls.build_test_loader(cfg, dataset)
+        settings = itertools.count()
+
+        def box_ap(m):
+            row = f"calibration_{next(settings)}"
+            return cls.evaluate_row(cfg, m, dataset, loader, row)["bbox"]["AP"]
+
+        result = calibrate_coefficients(model, box_ap, cfg.TEST.EVALNORM_CALIBRATION.FACTORS)
+        logger.info(
+            "EN calibrated on %s: factor %g (box AP by factor: %s)",
+            dataset,
+            result["factor"],
+            ", ".join(f"{f:g}: {ap:.2f}" for f, ap in result["scores"]),
+        )
+        return result
 
     @classmethod
     def evaluate_row(cls, cfg, model, dataset_name, loader, row):

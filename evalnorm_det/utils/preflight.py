@@ -43,7 +43,11 @@ def check_inputs(cfg, training=True, resume=False, load_weights=None):
     whose files are made at first use (metadata ``generated_at_first_use``, as the bundled
     digits) are checked when they are loaded instead."""
     keys = (("DATASETS.TRAIN", cfg.DATASETS.TRAIN),) if training else ()
-    for key, names in (*keys, ("DATASETS.TEST", cfg.DATASETS.TEST)):
+    keys += (("DATASETS.TEST", cfg.DATASETS.TEST),)
+    calibration = cfg.TEST.EVALNORM_CALIBRATION.DATASET
+    if calibration:
+        keys += (("TEST.EVALNORM_CALIBRATION.DATASET", [calibration]),)
+    for key, names in keys:
         for name in names:
             metadata = MetadataCatalog.get(name)
             if metadata.get("generated_at_first_use"):

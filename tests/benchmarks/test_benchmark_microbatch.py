@@ -370,3 +370,31 @@ def test_bad_arguments_are_refused():
         microbatch.parse_args(["--preset", "smoke", "--check-batch-sizes", "64"])
     with pytest.raises(SystemExit):
         microbatch.parse_args(["--report-only", "--overwrite"])
+
+
+def test_estimation_choices_retrain_the_cell_and_choose_on_validation(smoke, tmp_path):
+    """The estimation module trains the cell's model again (same EMA and EN errors as the
+    recorded cell), keeps it, and chooses every calibrated or fixed row on validation."""
+    estimation = importlib.import_module("benchmarks.microbatch.estimation")
+    _, _, output_dir = smoke
+    argv = ["--preset", "smoke", "--seeds", "0", "--batch-sizes", "2"]
+    argv += ["--output-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "models")]
+    argv += ["--cells-dir", str(output_dir / "cells")]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        estimation.main(argv)
+    result = json.loads((tmp_path / "out" / "seed0_B2.json").read_text())
+    recorded = json.loads((output_dir / "cells" / "seed0_B2_steps4.json").read_text())["errors"]
+    assert 100 - result["test"]["ema"] == pytest.approx(recorded["ema"], abs=1e-9)
+    assert 100 - result["test"]["en"] == pytest.approx(recorded["en_online"], abs=1e-9)
+    assert (tmp_path / "models" / "seed0_B2_steps4.pt").is_file()
+    factors = [f for f, _ in result["calibrations"]["en"]]
+    assert 0.0 in factors and result["chosen"]["en_calibrated"] in factors
+    validation = {(r["sweep"], r["setting"]): r["score"] for r in result["validation_sweep"]}
+    best = max(validation[k] for k in validation if k[0] == "fixed")
+    assert validation["fixed", result["chosen"]["fixed_selected"]] == best
+    assert result["test"]["fixed_best_on_test"] >= result["test"]["fixed_selected"]
+    assert result["fit"]["iterations"] == 2  # the smoke preset's offline_iters
+    assert (
+        "| EN on evaluation inputs, calibrated |" in (tmp_path / "out" / "results.md").read_text()
+    )
+    assert "recorded" in stdout.getvalue()

@@ -433,10 +433,11 @@ def test_cell_order_and_presets():
         ("a", 2, 0),
         ("a", 8, 0),
     )
-    assert len(full) == len(set(full)) == 26
+    assert len(full) == len(set(full)) == 30
     assert {(r, n) for r, n, s in full if s == 0} >= {(r, n) for r in "abcd" for n in (2, 4, 8)}
     assert {s for r, _, s in full if r == "d"} == {0, 1, 2}
-    assert {(n, s) for r, n, s in full if r == "c"} >= {(2, 1), (8, 1)}
+    assert {(n, s) for r, n, s in full if r == "c"} >= {(2, 1), (8, 1), (2, 2)}
+    assert {s for r, n, s in full if (r, n) == ("a", 2)} == {0, 1, 2}
     assert {(n, s) for r, n, s in full if r == "c_frozen_target"} >= {(2, 1), (8, 1)}
     assert set(presets.PRESETS["quick"].cells) < set(full)
     assert presets.PRESETS["full"].image_size == presets.PRESETS["quick"].image_size == 128
@@ -580,6 +581,25 @@ def test_report_only_rewrites_the_tables_from_every_cell(smoke, tmp_path):
     assert not (tmp_path / "no_work" / "cells").exists()  # nothing trained
     with pytest.raises(SystemExit):
         bench.main(argv + ["--overwrite"])
+
+
+def test_estimation_choices_of_a_trained_cell(smoke, tmp_path):
+    estimation = importlib.import_module("benchmarks.detection_regimes.estimation")
+    tmp = smoke[1].parent
+    name = regime_cells.cell_name("d", 2, 0)
+    argv = ["--preset", "smoke", name, "--work-dir", str(tmp / "work")]
+    argv += ["--output-dir", str(tmp_path)]
+    with _datasets(tmp / "datasets"), contextlib.redirect_stdout(io.StringIO()):
+        results = estimation.main(argv)
+    result = results[name]
+    assert result["validation"] == "regimes_digits_smoke_selection"
+    assert result["test_dataset"] == "regimes_digits_smoke_val"
+    assert set(result["test"]) == set(estimation.ROWS)
+    assert result["test"]["fixed_best_on_test"] is None  # no sweep on the test split here
+    assert result["fit"]["iterations"] == 2  # the smoke cell's MODEL.EVALNORM.OFFLINE.MAX_ITER
+    assert set(result["calibrations"]) == {"en", "en_eval_inputs"}
+    text = (tmp_path / "results.md").read_text()
+    assert "| **d_2img** (seeds: 1) | | | |" in text and "| EN online, calibrated |" in text
 
 
 def test_diagnose_sweeps_a_trained_cell(smoke, tmp_path):

@@ -9,6 +9,7 @@ from helpers import randomize_batchnorm
 
 from evalnorm import EvalNorm2d, convert_to_evalnorm, evalnorm_mode
 from evalnorm.diagnosis import (
+    calibrate_coefficients,
     coefficient_sweep,
     evalnorm_only_in,
     fixed_coefficients,
@@ -136,3 +137,43 @@ def test_sweep_leaves_no_trace_on_a_copy(model):
     coefficient_sweep(copied, lambda m: 0.0, values=(), factors=(0.5,), groups={})
     for a, b in zip(model.state_dict().values(), copied.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_calibration_keeps_the_best_scaling_on_validation(model):
+    net, x = copy.deepcopy(model), images()
+    with evalnorm_mode(net, "en"):
+        en = net(x)
+    target = 0.5  # the score peaks where the logits sit halfway between EMA and EN
+
+    def evaluate(m):
+        with evalnorm_mode(m, "ema"):
+            ema = m(x)
+        return -((m(x) - ema) - target * (en - ema)).abs().mean().item()
+
+    layers = [m for m in net.modules() if isinstance(m, EvalNorm2d)]
+    estimated = [(m.alpha.item(), m.beta.item()) for m in layers]
+    result = calibrate_coefficients(net, evaluate, factors=(1.0, 0.0, 0.5, 0.75))
+    assert result["factor"] == 0.5
+    assert [f for f, _ in result["scores"]] == [0.0, 0.5, 0.75, 1.0]
+    assert max(result["scores"], key=lambda fs: fs[1])[0] == 0.5
+    for m, (alpha, beta) in zip(layers, estimated):  # applied for good
+        assert m.alpha.item() == pytest.approx(0.5 * alpha, rel=1e-6)
+        assert m.beta.item() == pytest.approx(0.5 * beta, rel=1e-6)
+
+
+def test_calibration_ties_go_towards_ema_and_nan_ranks_last(model):
+    net = copy.deepcopy(model)
+    scores = iter([float("nan"), 3.0, 3.0])  # factors 0, 0.5, 1 in turn
+    result = calibrate_coefficients(net, lambda m: next(scores), factors=(1.0, 0.5, 0.0))
+    assert result["factor"] == 0.5
+    flat = iter([1.0, 1.0])
+    result = calibrate_coefficients(net, lambda m: next(flat), factors=(0.0, 1.0))
+    assert result["factor"] == 0.0
+    assert all(
+        m.alpha.item() == 0 and m.beta.item() == 0
+        for m in net.modules()
+        if isinstance(m, EvalNorm2d)
+    )
+    with pytest.raises(ValueError, match="factors is empty"):
+        calibrate_coefficients(net, lambda m: 0.0, factors=())

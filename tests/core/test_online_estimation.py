@@ -14,7 +14,13 @@ from evalnorm import EvalNorm2d, OnlineEstimator, convert_to_evalnorm
 @pytest.mark.parametrize("group_size,frozen", [(None, False), (2, False), (None, True)])
 def test_gradient_matches_finite_differences(group_size, frozen):
     en = randomize_batchnorm(
-        EvalNorm2d(3, norm_batch_size=2, microbatch=group_size is not None, frozen=frozen)
+        EvalNorm2d(
+            3,
+            norm_batch_size=2,
+            microbatch=group_size is not None,
+            frozen=frozen,
+            frozen_en="batch_target",  # the reference's target: the batch normalization
+        )
     )
     en = en.double()
     en.set_coefficients(0.3, 0.6)

@@ -206,6 +206,76 @@ def test_estimate_offline_tool_changes_only_alpha_and_beta(tmp_path, bn_checkpoi
     assert output.read_bytes() == before
 
 
+def test_estimate_offline_tool_on_evaluation_inputs_fits_the_backbone(tmp_path, bn_checkpoint):
+    _, checkpoint = bn_checkpoint
+    output = tmp_path / "offline.pth"
+    offline = [
+        "MODEL.EVALNORM.OFFLINE.MAX_ITER",
+        "3",
+        "MODEL.EVALNORM.OFFLINE.INPUTS",
+        "evaluation",
+    ]
+    argv = ["--config-file", DEMO, "--output", str(output)]
+    parser = add_rescue_arguments(argument_parser(training=False), "x.pth")
+    args = parse_args(parser, [*argv, *rescue_opts(tmp_path, checkpoint, *offline)])
+    summary = import_tool("estimate_offline").main(args)
+    assert summary["iterations"] == 3 and all(math.isfinite(v) for v in summary["losses"])
+    source, rescued = model_dict(checkpoint), model_dict(output)
+    layers = sorted({k.rsplit(".", 1)[0] for k in source if k.endswith("running_mean")})
+    assert_only_coefficients_added(source, rescued, layers)
+    for name in layers:  # the backbone's moved from the rule of thumb; res5 (ROI head) kept it
+        b = 16 if name.startswith("roi_heads.") else 2
+        moved = rescued[f"{name}.alpha_logit"].item() != pytest.approx(
+            -math.log(b**2 - 1), abs=1e-6
+        )
+        assert moved == name.startswith("backbone."), name
+
+
+def test_calibrate_tool_keeps_the_best_factor_on_the_validation_split(tmp_path, bn_checkpoint):
+    _, checkpoint = bn_checkpoint
+    output = tmp_path / "calibrated.pth"
+    calibration = ["TEST.EVALNORM_CALIBRATION.DATASET", "tiny_digits_train"]
+    calibration += ["TEST.EVALNORM_CALIBRATION.FACTORS", "[1.0, 0.0, 0.5]"]
+    argv = ["--config-file", DEMO, "--output", str(output)]
+    tool = import_tool("calibrate_coefficients")
+    parser = add_rescue_arguments(argument_parser(training=False), "x.pth")
+    args = parse_args(parser, [*argv, *rescue_opts(tmp_path, checkpoint, *calibration)])
+    result = tool.main(args)
+    assert [f for f, _ in result["scores"]] == [0.0, 0.5, 1.0]
+    finite = [(ap, -f) for f, ap in result["scores"] if math.isfinite(ap)]
+    assert result["factor"] == (-max(finite)[1] if finite else 0.0)
+    source, rescued = model_dict(checkpoint), model_dict(output)
+    layers = sorted({k.rsplit(".", 1)[0] for k in source if k.endswith("running_mean")})
+    assert_only_coefficients_added(source, rescued, layers)
+    for name in layers:  # the rule of thumb times the factor
+        b = 16 if name.startswith("roi_heads.") else 2
+        alpha = torch.sigmoid(rescued[f"{name}.alpha_logit"]).item()
+        assert alpha == pytest.approx(result["factor"] / b**2, rel=1e-5, abs=1e-12)
+    metadata = torch.load(output, weights_only=True)["evalnorm"]
+    assert metadata["coefficients"] == "calibrated"
+    assert metadata["calibration"]["dataset"] == "tiny_digits_train"
+    assert metadata["calibration"]["factor"] == result["factor"]
+    args = parse_args(parser, [*argv, *rescue_opts(tmp_path, checkpoint)])
+    with pytest.raises(ValueError, match="TEST.EVALNORM_CALIBRATION.DATASET is empty"):
+        tool.main(args)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["TEST.EVALNORM_ROWS", "['ema', 'en_calibrated']"], "'en_calibrated', which needs"),
+        (["TEST.EVALNORM_CALIBRATION.DATASET", "tiny_digits_val"], "is also in DATASETS.TEST"),
+        (["TEST.EVALNORM_CALIBRATION.FACTORS", "[0.0, -1.0]"], r"FACTORS entry=-1.0"),
+        (["TEST.EVALNORM_CALIBRATION.FACTORS", "[]"], "FACTORS is empty"),
+        (["MODEL.EVALNORM.OFFLINE.INPUTS", "eval"], r"OFFLINE.INPUTS.*'eval'"),
+    ],
+)
+def test_calibration_and_offline_settings_are_checked_before_launch(tmp_path, overrides, message):
+    cfg = tiny_cfg(tmp_path, "DATASETS.TEST", "('tiny_digits_val',)", *overrides)
+    with pytest.raises(ValueError, match=message):
+        check_evalnorm_config(cfg, 1)
+
+
 def offline_batches(n, batch_size=2, seed=0):
     images, _ = class_images(n * batch_size, seed=seed)
     return list(images.split(batch_size))
@@ -305,6 +375,8 @@ def test_eval_only_evaluates_a_bn_checkpoint_in_every_mode(tmp_path, bn_checkpoi
     _, checkpoint = bn_checkpoint
     extra = ["TEST.EVALNORM_ROWS", "['all']", "TEST.PRECISE_BN.NUM_ITER", "2"]
     extra += ["MODEL.EVALNORM.OFFLINE.MAX_ITER", "2"]
+    extra += ["TEST.EVALNORM_CALIBRATION.DATASET", "tiny_digits_train"]
+    extra += ["TEST.EVALNORM_CALIBRATION.FACTORS", "[0.0, 1.0]"]
     cfg = rescue_cfg(tmp_path, checkpoint, *extra)
     model = load_evalnorm_model(cfg, norm_batch_sizes(cfg))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -322,7 +394,9 @@ def test_eval_only_evaluates_a_bn_checkpoint_in_every_mode(tmp_path, bn_checkpoi
     assert "EN offline" in (Path(cfg.OUTPUT_DIR) / "evalnorm_table.txt").read_text()
 
 
-@pytest.mark.parametrize("name", ["estimate_offline", "convert_to_evalnorm"])
+@pytest.mark.parametrize(
+    "name", ["estimate_offline", "convert_to_evalnorm", "calibrate_coefficients"]
+)
 def test_tools_have_help(name):
     proc = subprocess.run(
         [sys.executable, str(TOOLS / f"{name}.py"), "--help"],
