@@ -7,6 +7,7 @@ detectron2 plugin built on it is ``evalnorm_det``.
 
 from .context import evalnorm_mode, keep_running_stats
 from .convert import batchnorm_types, convert_to_batchnorm, convert_to_evalnorm, fold_to_batchnorm
+from .deploy import deploy, fold_ema_layers, output_change, select_ema_layers
 from .estimation import OnlineEstimator, estimate_offline
 from .layer import EVAL_MODES, FROZEN_EN_CHOICES, EvalNorm2d
 
@@ -20,8 +21,12 @@ __all__ = [
     "batchnorm_types",
     "convert_to_batchnorm",
     "convert_to_evalnorm",
+    "deploy",
     "estimate_offline",
     "evalnorm_mode",
+    "fold_ema_layers",
     "fold_to_batchnorm",
     "keep_running_stats",
+    "output_change",
+    "select_ema_layers",
 ]

@@ -37,8 +37,13 @@ class OnlineEstimator:
             optimizer.step()
             estimator.step()
 
+    Every layer's ``alpha_logit`` and ``beta_logit`` are views into one (layers, 2) tensor, so a
+    step is a few operations on it whatever the number of layers, with one all-reduce under
+    ``torch.distributed`` and no read of a value to the host.
+
     Args:
-        model (nn.Module): has EvalNorm2d layers (see ``convert_to_evalnorm``).
+        model (nn.Module): has EvalNorm2d layers (see ``convert_to_evalnorm``), their alpha and
+            beta all of one dtype and on one device.
         lr (float): learning rate. alpha and beta are optimized as logits, so with Adam a step
             changes them by about ``lr`` in relative terms, whatever their scale (1/B^2 is
             0.25 for two images per GPU, 6e-5 for a box head's 128 ROIs).
@@ -65,24 +70,37 @@ class OnlineEstimator:
             raise ValueError(
                 "The model has no EvalNorm2d layer: convert_to_evalnorm(model, B) first"
             )
-        at_bounds = [
-            name
-            for name, m in self.layers
-            if not (torch.isfinite(m.alpha_logit).item() and torch.isfinite(m.beta_logit).item())
-        ]
+        first = self.layers[0][1].alpha_logit
+        for name, m in self.layers:
+            for p in (m.alpha_logit, m.beta_logit):
+                if (p.dtype, p.device) != (first.dtype, first.device):
+                    raise ValueError(
+                        f"EvalNorm2d {name!r} holds alpha/beta in {p.dtype} on {p.device}, the "
+                        f"first layer in {first.dtype} on {first.device}: the estimator needs "
+                        "one dtype and one device for all of them"
+                    )
+        finite = torch.isfinite(self._link()).all(dim=1).tolist()
+        at_bounds = [name for (name, _), ok in zip(self.layers, finite) if not ok]
         if at_bounds:
             raise ValueError(
                 f"alpha or beta is exactly 0 or 1 in {len(at_bounds)} EvalNorm2d layer(s), first "
                 f"{at_bounds[0]!r}: estimation works on their logits and cannot leave 0 or 1. Start "
                 "from the rule of thumb (give the layers norm_batch_size) or set_coefficients(v), 0 < v < 1"
             )
-        params = [p for _, m in self.layers for p in (m.alpha_logit, m.beta_logit)]
+        params = self._params()
+        # The torch optimizer holds the hyperparameters (read at every step) and, in
+        # state_dict(), the state in its usual per-parameter format; step() itself updates the
+        # whole (layers, 2) tensor at once.
         if optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=lr)
+            self._optimizer = torch.optim.Adam(params, lr=lr)
+            self._state = {k: torch.zeros_like(self._flat) for k in ("exp_avg", "exp_avg_sq")}
         elif optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+            self._optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+            self._state = {"momentum_buffer": torch.zeros_like(self._flat)}
         else:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        self._kind = optimizer
+        self._state["step"] = torch.zeros_like(self._flat, dtype=torch.float32)
         if max_positions is not None and (
             isinstance(max_positions, bool)
             or not isinstance(max_positions, int)
@@ -107,34 +125,130 @@ class OnlineEstimator:
             m.estimate_online = self._enabled
             m.aux_max_positions = self.max_positions
 
+    @property
+    def optimizer(self):
+        """The ``torch.optim`` optimizer (Adam or SGD) over every layer's ``alpha_logit`` and
+        ``beta_logit``, with the state ``step()`` has reached; its ``param_groups`` (``lr``,
+        ``betas``, ``eps``, ``momentum``) are read at every step. Restore a state with
+        ``OnlineEstimator.load_state_dict``."""
+        self._export_state()
+        return self._optimizer
+
+    def _params(self):
+        return [p for _, m in self.layers for p in (m.alpha_logit, m.beta_logit)]
+
+    def _link(self):
+        """The (layers, 2) tensor of every (alpha_logit, beta_logit), made (again, if
+        ``.to()`` or ``load_state_dict(assign=True)`` replaced one) the storage of the layers'
+        parameters, which keep their values."""
+        params = self._params()
+        flat = getattr(self, "_flat", None)
+        if flat is not None and [p.data_ptr() for p in params] == self._pointers:
+            return flat
+        flat = torch.stack([p.detach() for p in params]).view(len(self.layers), 2)
+        for p, view in zip(params, flat.view(-1)):
+            p.data = view
+        self._pointers = [p.data_ptr() for p in params]
+        self._flat = flat
+        if hasattr(self, "_optimizer"):  # relinked after construction: follow the parameters
+            self._optimizer.param_groups[0]["params"] = params
+            for k, v in self._state.items():
+                self._state[k] = v.to(
+                    device=flat.device, dtype=v.dtype if k == "step" else flat.dtype
+                )
+        return flat
+
     def step(self):
         """Apply, then clear, the auxiliary-loss gradients accumulated since the last step."""
-        device = self.layers[0][1].alpha_logit.device
-        none = torch.zeros(3, device=device)
-        one = torch.ones(1, device=device)
-        # One row per layer: d/d(alpha_logit), d/d(beta_logit), and 1 if the layer has a gradient.
-        rows = torch.stack(
-            [
-                none
-                if grad is None
-                else torch.cat([grad.to(device=device, dtype=torch.float32), one])
-                for grad in (m.take_aux_grad() for _, m in self.layers)
-            ]
+        flat = self._link()
+        grads = [m.take_aux_grad() for _, m in self.layers]
+        present = [i for i, g in enumerate(grads) if g is not None]
+        distributed = (
+            self.average_across_processes and dist.is_available() and dist.is_initialized()
         )
-        if self.average_across_processes and dist.is_available() and dist.is_initialized():
+        if not present and not distributed:
+            return
+        # One row per layer: d/d(alpha_logit), d/d(beta_logit), and 1 if the layer has a gradient.
+        rows = torch.zeros(len(grads), 3, device=flat.device)
+        if present:
+            known = torch.stack([grads[i] for i in present]).to(rows)
+            known = torch.cat([known, torch.ones_like(known[:, :1])], dim=1)
+            if len(present) == len(grads):
+                rows = known
+            else:
+                rows[torch.tensor(present, device=flat.device)] = known
+        if distributed:
             dist.all_reduce(rows)
         counts = rows[:, 2:]
-        grads = rows[:, :2] / counts.clamp(min=1)
-        for (_, m), grad, has_grad in zip(self.layers, grads, (counts[:, 0] > 0).tolist()):
-            if has_grad:
-                m.alpha_logit.grad = grad[0].to(m.alpha_logit)
-                m.beta_logit.grad = grad[1].to(m.beta_logit)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad = (rows[:, :2] / counts.clamp(min=1)).to(flat.dtype)
+        has_grad = (counts > 0).expand_as(flat)
+        group, state = self._optimizer.param_groups[0], self._state
+        step = state["step"] + has_grad
+        if self._kind == "adam":
+            beta1, beta2 = group["betas"]
+            exp_avg = torch.where(
+                has_grad, state["exp_avg"].lerp(grad, 1 - beta1), state["exp_avg"]
+            )
+            exp_avg_sq = torch.where(
+                has_grad,
+                state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad,
+                state["exp_avg_sq"],
+            )
+            # torch.optim.Adam's update, with each entry's own step count; entries without a
+            # gradient (step 0 included) are left as they are. Bias corrections in float64, as
+            # torch's Python scalars.
+            step64 = step.double()
+            step_size = (group["lr"] / (1 - torch.pow(beta1, step64))).to(flat.dtype)
+            bias2_sqrt = (1 - torch.pow(beta2, step64)).sqrt().to(flat.dtype)
+            update = exp_avg / (exp_avg_sq.sqrt() / bias2_sqrt + group["eps"]) * step_size
+            state.update(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+        else:
+            buf = state["momentum_buffer"]
+            # torch.optim.SGD: the first step's buffer is the gradient itself.
+            buf = torch.where(state["step"] > 0, buf * group["momentum"] + grad, grad)
+            buf = torch.where(has_grad, buf, state["momentum_buffer"])
+            update = group["lr"] * buf
+            state["momentum_buffer"] = buf
+        flat.sub_(torch.where(has_grad, update, 0.0))
+        state["step"] = step
+
+    def _export_state(self):
+        """Write the step's state into the torch optimizer, one entry per parameter that has
+        taken a step, as ``torch.optim`` keeps it."""
+        self._link()
+        steps = self._state["step"].view(-1).tolist()
+        values = {k: v.view(-1) for k, v in self._state.items() if k != "step"}
+        self._optimizer.state.clear()
+        for i, (p, n) in enumerate(zip(self._params(), steps)):
+            if not n:
+                continue
+            if self._kind == "adam":
+                self._optimizer.state[p] = {
+                    "step": torch.tensor(n, dtype=torch.float32),
+                    "exp_avg": values["exp_avg"][i].clone(),
+                    "exp_avg_sq": values["exp_avg_sq"][i].clone(),
+                }
+            elif self._optimizer.param_groups[0]["momentum"] != 0:
+                self._optimizer.state[p] = {"momentum_buffer": values["momentum_buffer"][i].clone()}
+
+    def _import_state(self):
+        flat = self._link()
+        zero = torch.zeros((), device=flat.device, dtype=flat.dtype)
+        states = [self._optimizer.state.get(p, {}) for p in self._params()]
+        for k in self._state:
+            if k == "step":
+                if self._kind == "adam":
+                    steps = [float(s.get("step", 0)) for s in states]
+                else:  # SGD keeps no count: a buffer means at least one step
+                    steps = [float("momentum_buffer" in s) for s in states]
+                values = torch.tensor(steps, dtype=torch.float32, device=flat.device)
+            else:
+                values = torch.stack([s.get(k, zero).to(zero) for s in states])
+            self._state[k] = values.view_as(flat)
 
     def coefficients(self):
         """{layer name: (alpha, beta)} as Python floats, read with one device-to-host copy."""
-        values = torch.stack([torch.stack([m.alpha, m.beta]) for _, m in self.layers]).tolist()
+        values = torch.sigmoid(self._link().detach()).tolist()
         return {name: tuple(ab) for (name, _), ab in zip(self.layers, values)}
 
     def state_dict(self):
@@ -142,7 +256,8 @@ class OnlineEstimator:
         return {"optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state_dict):
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self._optimizer.load_state_dict(state_dict["optimizer"])
+        self._import_state()
 
 
 INPUTS = ("training", "evaluation")

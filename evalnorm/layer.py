@@ -199,10 +199,10 @@ class EvalNorm2d(nn.BatchNorm2d):
         group_size = self.training_group_size(n)
         # An empty batch (an image with no ROIs) has nothing to estimate from; BatchNorm2d
         # itself leaves the statistics of an empty batch as they are.
-        estimate = self.estimate_online and n > 0
-        if estimate:
-            # The EMA that evaluation would use for these samples: before they update it.
-            mu_e, var_e = self.running_mean.detach().clone(), self.running_var.detach().clone()
+        if self.estimate_online and n > 0:
+            # Against the EMA that evaluation would use for these samples: before they update
+            # it. The estimation reads x alone, so running it first changes nothing below.
+            self._accumulate_aux_grad(x, self.running_mean, self.running_var, group_size)
         if self.frozen and self.frozen_en == "batch_stats":
             if group_size is not None:
                 y = self._microbatch_forward(x, group_size, update=False)
@@ -216,8 +216,6 @@ class EvalNorm2d(nn.BatchNorm2d):
             y = self._microbatch_forward(x, group_size)
         else:
             y = super().forward(x)
-        if estimate:
-            self._accumulate_aux_grad(x, mu_e, var_e, group_size)
         return y
 
     def training_group_size(self, n):

@@ -29,6 +29,7 @@ from .defaults import (
     setup_cfg,
     unit_interval,
 )
+from .deploy import detector_outputs, with_proposals
 from .evaluation import evaluate_rows, format_table, row_evaluation, write_tables
 from .hooks import OnlineEstimationHook
 from .rescue import (
@@ -58,6 +59,7 @@ __all__ = [
     "build_augmentation",
     "build_evalnorm_model",
     "check_output",
+    "detector_outputs",
     "estimate_offline_from_config",
     "evaluate_rows",
     "format_table",
@@ -76,5 +78,6 @@ __all__ = [
     "setup_cfg",
     "training_batches",
     "unit_interval",
+    "with_proposals",
     "write_tables",
 ]

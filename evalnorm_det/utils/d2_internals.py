@@ -8,7 +8,7 @@ that one place names them all, and are tested likewise:
 
 - ``DetectionCheckpointer._load_file`` and ``._torch_load`` (``utils/checkpointer.py``);
 - ``Res5ROIHeads._build_res5_block`` and ``._shared_roi_transform``
-  (``modeling/roi_heads.py``).
+  (``modeling/roi_heads.py``; ``engine/deploy.py`` also calls the latter).
 
 (fvcore's ``Checkpointer._load_file``/``_load_model`` are documented for overriding.)
 """

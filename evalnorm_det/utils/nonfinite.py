@@ -41,14 +41,21 @@ class NonFiniteCheckHook(HookBase):
     def _check(self, stage):
         if not self.layers:
             return
+        tensors = [getattr(m, k) for _, m in self.layers for k in self.tensors]
+        # All of them in one tensor: a few operators and one read per step, whatever their number.
+        vectors = [t for t in tensors if t.dim() == 1]
+        others = [t for t in tensors if t.dim() != 1]
+        scalars = [t for t in others if t.dim() == 0]
+        rest = [t.reshape(-1) for t in others if t.dim() != 0]
+        flat = torch.cat(vectors + rest + ([torch.stack(scalars)] if scalars else []))
+        if bool(torch.isfinite(flat).all()):
+            return
         flags = torch.stack(
             [
                 torch.stack([torch.isfinite(getattr(m, k)).all() for k in self.tensors])
                 for _, m in self.layers
             ]
         )
-        if bool(flags.all()):
-            return
         for (name, _), ok in zip(self.layers, flags.tolist()):
             if not all(ok):
                 self._raised = True

@@ -52,8 +52,20 @@ def test_smoke_preset_writes_every_measure(smoke):
     assert set(times) == {"BN", "EN", "EN, MAX_POSITIONS 4096", "EN, autograd loss (before)"}
     assert saved["machine"]["torch"] == torch.__version__
     launches = saved["launches"]
-    assert set(launches["training step"]) == set(times)
-    assert set(launches["inference"]) == {"BN folded", "EN"}
+    alone = {"EN, OnlineEstimator.step alone", "EN, NaN check alone"}
+    assert set(launches["training step"]) == set(times) | alone
+    # One flat tensor for every layer's alpha/beta: no value read to the host in a step.
+    assert launches["training step"]["EN, OnlineEstimator.step alone"]["scalar reads"] == 0
+    assert launches["training step"]["EN, NaN check alone"]["scalar reads"] == 1
+    assert set(launches["inference"]) == {"BN folded", "EN", "EN deployed"}
+    deployment = saved["deployment"]
+    assert deployment["change"] <= deployment["tolerance"] == 1e-3
+    assert saved["ratios"]["inference (EN deployed)"] == pytest.approx(
+        statistics.median(saved["inference"]["EN deployed"])
+        / statistics.median(saved["inference"]["BN folded"])
+    )
+    assert "| EN deployed (" in table
+    assert all(row["eval"]["one read"] > 0 for row in saved["layers"])
     for rows in launches.values():  # EN computes per-sample statistics on top of BN's work
         en, bn = rows["EN"], rows.get("BN", rows.get("BN folded"))
         assert en["operators"] > bn["operators"] > 0 and en["scalar reads"] >= bn["scalar reads"]
