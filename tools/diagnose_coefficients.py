@@ -74,8 +74,7 @@ def main(args):
     settings = itertools.count()
 
     def evaluate(m):  # each setting's COCO files in OUTPUT_DIR/inference/sweep_<n>
-        row = f"sweep_{next(settings)}"
-        return Trainer.evaluate_row(cfg, m, dataset, loader, row)["bbox"]["AP"]
+        return Trainer.box_ap(cfg, m, dataset, loader, f"sweep_{next(settings)}")
 
     groups = visualize.stage_groups(model)
     rows = coefficient_sweep(model, evaluate, args.values, args.factors, groups)

@@ -197,8 +197,7 @@ class Trainer(DefaultTrainer):
         settings = itertools.count()
 
         def box_ap(m):
-            row = f"calibration_{next(settings)}"
-            return cls.evaluate_row(cfg, m, dataset, loader, row)["bbox"]["AP"]
+            return cls.box_ap(cfg, m, dataset, loader, f"calibration_{next(settings)}")
 
         result = calibrate_coefficients(model, box_ap, cfg.TEST.EVALNORM_CALIBRATION.FACTORS)
         logger.info(
@@ -208,6 +207,13 @@ class Trainer(DefaultTrainer):
             ", ".join(f"{f:g}: {ap:.2f}" for f, ap in result["scores"]),
         )
         return result
+
+    @classmethod
+    def box_ap(cls, cfg, model, dataset_name, loader, row):
+        """COCO box AP of ``model`` on ``dataset_name`` (``evaluate_row``), the main process's
+        number returned on every process, so that choices made from it agree across ranks."""
+        results = cls.evaluate_row(cfg, model, dataset_name, loader, row)
+        return comm.all_gather(results["bbox"]["AP"] if comm.is_main_process() else None)[0]
 
     @classmethod
     def evaluate_row(cls, cfg, model, dataset_name, loader, row):

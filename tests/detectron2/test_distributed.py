@@ -58,6 +58,29 @@ def offline_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
+def box_ap_worker(rank, port, out_dir):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from evalnorm_det import Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # As inference_on_dataset: the main process gets the COCO results, the others {}.
+        results = {"bbox": {"AP": 40.0 + rank}} if rank == 0 else {}
+        Trainer.evaluate_row = classmethod(lambda cls, *args: results)
+        ap = Trainer.box_ap(None, None, "d", None, "row")
+        torch.save(ap, os.path.join(out_dir, f"ap{rank}.pth"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_box_ap_is_the_main_process_number_on_every_rank(tmp_path):
+    """Calibration and the coefficient sweep choose from it: every rank must choose alike."""
+    mp.spawn(box_ap_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"ap{r}.pth") for r in range(2)] == [40.0, 40.0]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
