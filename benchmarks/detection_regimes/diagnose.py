@@ -36,7 +36,7 @@ def load_cell(cell_dir, opts=()):
 def box_ap(cfg, dataset, row):
     """``f(model)``: COCO box AP on ``dataset`` with the modes the layers hold."""
     loader = Trainer.build_test_loader(cfg, dataset)
-    return lambda m: Trainer.evaluate_row(cfg, m, dataset, loader, row)["bbox"]["AP"]
+    return lambda m: Trainer.box_ap(cfg, m, dataset, loader, row)
 
 
 def diagnose_cell(cell_dir, selection):

@@ -11,7 +11,8 @@ split (digit samples never trained on) measures: the two share no image. The fit
 inputs takes the cell's ``MODEL.EVALNORM.OFFLINE`` settings and training images in batches of
 its N; the C4 model's res5 runs in the ROI head and keeps its online alpha/beta. Writes
 ``<cell>.json`` per cell and ``results.md``; a cell already there is not measured again. One
-cell took about 9 min on one thread of a 2-core machine whose other core was busy.
+cell took 10-13 min of wall time on one thread of a 2-core machine shared with two or three
+other benchmark processes, 5.5 min with one (the recorded files' write times).
 """
 
 from pathlib import Path

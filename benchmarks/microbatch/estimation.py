@@ -12,8 +12,9 @@ cell is recorded in ``--cells-dir``, its EMA and EN online test errors are print
 new ones as a check. Validation: the cell's validation split (digits kept apart from the test
 digits, as for inference example weighing); the fit on evaluation inputs uses fresh training
 renderings, the batches EN offline uses. Writes ``seed<s>_B<b>.json`` per model and
-``results.md``; a model already there is not measured again. One B = 2 model took about 20 min
-to train and 3 min to evaluate on one thread of a 2-core machine whose other core was busy.
+``results.md``; a model already there is not measured again. One B = 2 model, trained and
+evaluated, took 25-36 min of wall time on one thread of a 2-core machine shared with one to
+three other benchmark processes (the recorded files' write times).
 """
 
 import argparse
