@@ -62,6 +62,8 @@ def box_ap_worker(rank, port, out_dir):
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
+    from detectron2.utils import comm
+
     from evalnorm_det import Trainer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -72,6 +74,9 @@ def box_ap_worker(rank, port, out_dir):
         ap = Trainer.box_ap(None, None, "d", None, "row")
         torch.save(ap, os.path.join(out_dir, f"ap{rank}.pth"))
     finally:
+        # detectron2 caches the group it gathers over; left cached, the group outlives
+        # destroy_process_group and gloo's threads abort the process at interpreter exit.
+        comm._get_global_gloo_group.cache_clear()
         dist.destroy_process_group()
 
 
