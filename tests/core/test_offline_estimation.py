@@ -49,7 +49,10 @@ def naive_matching_loss(x, target, mu_e, var_e, alpha, beta, eps):
     return (target - pred).abs().mean()
 
 
-def test_matching_loss_value_and_gradient_match_float64_autograd():
+@pytest.mark.parametrize("block", [None, 40, 1], ids=["one-block", "blocks", "row-per-block"])
+def test_matching_loss_value_and_gradient_match_float64_autograd(monkeypatch, block):
+    if block is not None:  # on CPU the loss's sums run over blocks of (sample, channel) rows
+        monkeypatch.setattr(EF, "_CPU_BLOCK_ELEMENTS", block)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64) * 2 + 1
     target = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)

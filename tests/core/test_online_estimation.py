@@ -9,10 +9,18 @@ import torch.nn.functional as F
 from helpers import assert_reference_gradient, class_images, randomize_batchnorm, small_cnn
 
 from evalnorm import EvalNorm2d, OnlineEstimator, convert_to_evalnorm
+from evalnorm import functional as EF
+
+
+@pytest.fixture(params=[None, 64, 1], ids=["one-block", "blocks", "row-per-block"])
+def cpu_blocks(request, monkeypatch):
+    """On CPU the loss's sums run over blocks of rows (sample, channel): whole, a few rows, one."""
+    if request.param is not None:
+        monkeypatch.setattr(EF, "_CPU_BLOCK_ELEMENTS", request.param)
 
 
 @pytest.mark.parametrize("group_size,frozen", [(None, False), (2, False), (None, True)])
-def test_gradient_matches_finite_differences(group_size, frozen):
+def test_gradient_matches_finite_differences(group_size, frozen, cpu_blocks):
     en = randomize_batchnorm(
         EvalNorm2d(
             3,
@@ -39,7 +47,7 @@ def test_gradient_matches_finite_differences(group_size, frozen):
 
 
 @pytest.mark.parametrize("max_positions,stride", [(40, 3), (119, 2), (120, 1), (10**6, 1)])
-def test_max_positions_averages_over_a_strided_subset(max_positions, stride):
+def test_max_positions_averages_over_a_strided_subset(max_positions, stride, cpu_blocks):
     en = randomize_batchnorm(EvalNorm2d(3, norm_batch_size=4)).double()
     en.set_coefficients(0.3, 0.6)
     estimator = OnlineEstimator(en, max_positions=max_positions)
