@@ -8,6 +8,7 @@ from evalnorm_det.lazy import warmup_cosine
 
 from .common.data.coco_600 import dataloader
 from .common.evalnorm import evalnorm
+from .common.models.evalnorm_frcnn_c4 import model  # noqa: F401
 from .common.optim import SGD as optimizer
 from .common.train import train
 
