@@ -10,28 +10,17 @@ the weights in every row of TEST.EVALNORM_ROWS ("['all']" for every row: EMA, EN
 1/B^2, 1/B, PreciseBN, head batch stats, prediction-time BN, PreciseBN + EN offline); a BN or FrozenBN model is converted to EvalNorm first.
 """
 
-from evalnorm_det import EvalNormCheckpointer, Trainer
-from evalnorm_det.config import norm_batch_sizes
 from evalnorm_det.engine import (
     argument_parser,
-    build_evalnorm_model,
     launch_checked,
     parse_args,
     setup,
+    train_or_evaluate,
 )
 
 
 def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        model = build_evalnorm_model(cfg, norm_batch_sizes(cfg))
-        EvalNormCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        return Trainer.test(cfg, model)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    return train_or_evaluate(setup(args), args)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,14 @@ from .defaults import (
     resolve_config_file,
     setup,
     setup_cfg,
+    train_or_evaluate,
     unit_interval,
+    yacs_run_config,
 )
 from .deploy import detector_outputs, with_proposals
 from .evaluation import evaluate_rows, format_table, row_evaluation, write_tables
 from .hooks import OnlineEstimationHook
+from .lazy import LazyTrainer, lazy_run_config, setup_lazy
 from .rescue import (
     build_evalnorm_model,
     estimate_offline_from_config,
@@ -46,6 +49,7 @@ __all__ = [
     "CheckpointError",
     "CorruptCheckpointError",
     "EvalNormCheckpointer",
+    "LazyTrainer",
     "MissingStatisticsError",
     "NonFiniteCheckHook",
     "OnlineEstimationHook",
@@ -64,6 +68,7 @@ __all__ = [
     "evaluate_rows",
     "format_table",
     "launch_checked",
+    "lazy_run_config",
     "load_evalnorm_model",
     "non_negative_int",
     "number_list",
@@ -76,8 +81,11 @@ __all__ = [
     "save_evalnorm_checkpoint",
     "setup",
     "setup_cfg",
+    "setup_lazy",
+    "train_or_evaluate",
     "training_batches",
     "unit_interval",
     "with_proposals",
     "write_tables",
+    "yacs_run_config",
 ]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -17,6 +16,7 @@ from ..config import add_evalnorm_config, check_evalnorm_config, norm_batch_size
 from ..utils.preflight import check_inputs
 from .checkpoint import EvalNormCheckpointer
 from .rescue import build_evalnorm_model
+from .trainer import Trainer
 
 __all__ = [
     "CONFIGS",
@@ -32,7 +32,9 @@ __all__ = [
     "resolve_config_file",
     "setup",
     "setup_cfg",
+    "train_or_evaluate",
     "unit_interval",
+    "yacs_run_config",
 ]
 
 # The project's configs/, beside the package in a checkout.
@@ -46,7 +48,11 @@ def resolve_config_file(name):
     candidate = CONFIGS / name
     if candidate.is_file():
         return str(candidate)
-    listing = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
+    listing = sorted(
+        str(p.relative_to(CONFIGS))
+        for p in CONFIGS.rglob("*.*")
+        if p.suffix in (".yaml", ".py") and "common" not in p.parts
+    )
     raise FileNotFoundError(
         f"--config {name!r}: no such file, nor {candidate}. Configs: " + ", ".join(listing)
     )
@@ -192,6 +198,10 @@ def setup_cfg(config_file, opts=(), world_size=None, training=True):
     """The frozen config of ``config_file`` with ``opts`` (KEY VALUE ...) merged, checked: a bad
     EvalNorm value raises ValueError naming its key. ``world_size`` defaults to the process
     group's; ``training`` as in ``check_evalnorm_config``."""
+    if config_file.endswith(".py"):
+        raise ValueError(
+            f"{config_file} is a LazyConfig: run it with tools/lazyconfig_train_net.py"
+        )
     cfg = get_cfg()
     add_evalnorm_config(cfg)
     cfg.merge_from_file(config_file)
@@ -210,17 +220,19 @@ def setup(args):
     return cfg
 
 
-def launch_checked(main, args):
+def launch_checked(main, args, run_config=None):
     """``detectron2.engine.launch(main, ..., args=(args,))`` after checking, in this process,
     the config and the files the run reads (``check_inputs``; ``MODEL.WEIGHTS`` is loaded into
     the run's model, so folded BN or another architecture stops the run here too): a bad one
-    stops before any worker starts or writes to OUTPUT_DIR."""
+    stops before any worker starts or writes to OUTPUT_DIR. ``run_config(args, world_size,
+    training)`` gives the run's checked config and trainer class (default:
+    :func:`yacs_run_config`)."""
     world_size = args.num_gpus * args.num_machines
     training = _training(args)
-    cfg = setup_cfg(args.config_file, args.opts, world_size, training=training)
+    cfg, trainer_class = (run_config or yacs_run_config)(args, world_size, training)
 
     def load_weights(cfg, weights):
-        _load_into_model(cfg, weights, training, world_size)
+        _load_into_model(cfg, weights, training, world_size, trainer_class)
 
     check_inputs(cfg, training, getattr(args, "resume", False), load_weights)
     launch(
@@ -233,20 +245,42 @@ def launch_checked(main, args):
     )
 
 
-def _load_into_model(cfg, weights, training, world_size):
+def yacs_run_config(args, world_size, training):
+    """(``setup_cfg`` of ``args``' config file and overrides, ``Trainer``)."""
+    cfg = setup_cfg(args.config_file, args.opts, world_size, training=training)
+    return cfg, Trainer
+
+
+def train_or_evaluate(cfg, args, trainer_class=Trainer):
+    """What tools/train_net.py's workers run: with ``--eval-only``, the EvalNorm table of
+    ``MODEL.WEIGHTS`` (a BN model converted to EvalNorm first); else training (``--resume``:
+    from the last checkpoint), evaluated at the end."""
+    if args.eval_only:
+        model = build_evalnorm_model(
+            cfg, norm_batch_sizes(cfg), model=trainer_class.build_model(cfg)
+        )
+        EvalNormCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return trainer_class.test(cfg, model)
+    trainer = trainer_class(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def _load_into_model(cfg, weights, training, world_size, trainer_class):
     """Loads ``weights`` into the run's model, built on CPU and then dropped, so that every
     checkpoint check (corrupt or unsafe file, folded BN, another architecture) runs now."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.DEVICE = "cpu"
-    if training:
-        model = build_model(cfg)
-    else:
-        model = build_evalnorm_model(cfg, norm_batch_sizes(cfg, world_size))
-    checkpointer = EvalNormCheckpointer(model)
-    checkpointer.require_statistics = not (training and cfg.MODEL.EVALNORM.RESET_NORM)
-    logging.disable(logging.WARNING)  # the run logs the loading itself, once set up
+    logging.disable(logging.WARNING)  # the run logs the model and the loading itself, once set up
     try:
+        model = trainer_class.build_model(cfg)
+        if not training:
+            model = build_evalnorm_model(cfg, norm_batch_sizes(cfg, world_size), model=model)
+        checkpointer = EvalNormCheckpointer(model)
+        checkpointer.require_statistics = not (training and cfg.MODEL.EVALNORM.RESET_NORM)
         checkpointer.load(weights)
     finally:
         logging.disable(logging.NOTSET)

@@ -32,12 +32,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def build_evalnorm_model(cfg, batch_sizes):
-    """``build_model(cfg)`` with every BatchNorm-type layer that the config did not already make
+def build_evalnorm_model(cfg, batch_sizes, model=None):
+    """``model`` (default: ``build_model(cfg)``) with every BatchNorm-type layer that the config did not already make
     EvalNorm converted to it (``convert_norms``, B from ``batch_sizes``, a ``NormBatchSizes``):
     a detectron2 BN or FrozenBN model evaluates in every EvalNorm mode, and in "ema" exactly as
     before."""
-    model = build_model(cfg)
+    model = build_model(cfg) if model is None else model
     count = convert_norms(cfg, model, batch_sizes)
     if count:
         logger.info(

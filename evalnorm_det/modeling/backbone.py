@@ -13,6 +13,8 @@ __all__ = [
     "build_evalnorm_resnet",
     "build_evalnorm_resnet_c4_backbone",
     "build_evalnorm_resnet_fpn_backbone",
+    "evalnorm_resnet",
+    "resnet_stage",
 ]
 
 # Residual blocks in res2..res5 for each MODEL.RESNETS.DEPTH.
@@ -41,40 +43,91 @@ def build_evalnorm_resnet(cfg, input_shape, num_stages, norm_batch_size):
     norm = norm_factory(
         cfg, cfg.MODEL.EVALNORM.BACKBONE_NORM, norm_batch_size, cfg.MODEL.EVALNORM.MICROBATCH
     )
-    stem = BasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, norm=norm)
-    in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
-    bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
-    stages = []
-    for idx, num_blocks in enumerate(BLOCKS_PER_STAGE[r.DEPTH][:num_stages]):
-        kwargs = {}
-        if r.DEPTH >= 50:
-            kwargs = {
-                "bottleneck_channels": bottleneck_channels,
-                "num_groups": r.NUM_GROUPS,
-                "stride_in_1x1": r.STRIDE_IN_1X1,
-            }
-        stages.append(
-            ResNet.make_stage(
-                BottleneckBlock if r.DEPTH >= 50 else BasicBlock,
-                num_blocks,
-                stride_per_block=[1 if idx == 0 else 2] + [1] * (num_blocks - 1),
-                in_channels=in_channels,
-                out_channels=out_channels,
-                norm=norm,
-                **kwargs,
-            )
-        )
-        in_channels, out_channels, bottleneck_channels = (
-            out_channels,
-            out_channels * 2,
-            bottleneck_channels * 2,
-        )
-    resnet = ResNet(stem, stages, out_features=r.OUT_FEATURES)
-    freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
+    return evalnorm_resnet(
+        depth=r.DEPTH,
+        norm=norm,
+        in_channels=input_shape.channels,
+        stem_out_channels=r.STEM_OUT_CHANNELS,
+        res2_out_channels=r.RES2_OUT_CHANNELS,
+        num_groups=r.NUM_GROUPS,
+        width_per_group=r.WIDTH_PER_GROUP,
+        stride_in_1x1=r.STRIDE_IN_1X1,
+        num_stages=num_stages,
+        out_features=r.OUT_FEATURES,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+    )
+
+
+def evalnorm_resnet(
+    *,
+    depth,
+    norm,
+    num_stages,
+    out_features,
+    in_channels=3,
+    stem_out_channels=64,
+    res2_out_channels=256,
+    num_groups=1,
+    width_per_group=64,
+    stride_in_1x1=True,
+    freeze_at=0,
+):
+    """detectron2's ``ResNet`` of ``depth`` (a key of ``BLOCKS_PER_STAGE``): stem and
+    ``num_stages`` stages (3: res2-res4, 4: res2-res5), every norm made by ``norm`` (for EvalNorm,
+    :func:`evalnorm_norm`). Arguments as ``MODEL.RESNETS``'s keys; ``freeze_at`` as
+    ``MODEL.BACKBONE.FREEZE_AT`` (1: stem, 2: stem and res2, ...), frozen EN layers becoming
+    FrozenEN (:func:`freeze_norms`)."""
+    stem = BasicStem(in_channels, stem_out_channels, norm=norm)
+    widths = {
+        "stem_out_channels": stem_out_channels,
+        "res2_out_channels": res2_out_channels,
+        "num_groups": num_groups,
+        "width_per_group": width_per_group,
+        "stride_in_1x1": stride_in_1x1,
+    }
+    stages = [
+        resnet_stage(idx, num_blocks, norm=norm, bottleneck=depth >= 50, **widths)
+        for idx, num_blocks in enumerate(BLOCKS_PER_STAGE[depth][:num_stages])
+    ]
+    resnet = ResNet(stem, stages, out_features=out_features)
     for idx, module in enumerate([resnet.stem] + list(resnet.stages), start=1):
         if freeze_at >= idx:
             freeze_norms(module)
     return resnet
+
+
+def resnet_stage(
+    index,
+    num_blocks,
+    *,
+    norm,
+    bottleneck=True,
+    stem_out_channels=64,
+    res2_out_channels=256,
+    num_groups=1,
+    width_per_group=64,
+    stride_in_1x1=True,
+):
+    """The blocks of ResNet stage res{index + 2} (index 0: res2, 3: res5), with detectron2's
+    channel widths for these ``MODEL.RESNETS`` settings and strides (1 in res2, else 2 in its
+    first block)."""
+    in_channels = stem_out_channels if index == 0 else res2_out_channels * 2 ** (index - 1)
+    kwargs = {}
+    if bottleneck:
+        kwargs = {
+            "bottleneck_channels": num_groups * width_per_group * 2**index,
+            "num_groups": num_groups,
+            "stride_in_1x1": stride_in_1x1,
+        }
+    return ResNet.make_stage(
+        BottleneckBlock if bottleneck else BasicBlock,
+        num_blocks,
+        stride_per_block=[1 if index == 0 else 2] + [1] * (num_blocks - 1),
+        in_channels=in_channels,
+        out_channels=res2_out_channels * 2**index,
+        norm=norm,
+        **kwargs,
+    )
 
 
 @BACKBONE_REGISTRY.register()

@@ -10,33 +10,89 @@ from evalnorm.convert import replace_modules
 
 from ..layers import EVALNORM_NAMES, get_norm
 
-__all__ = ["convert_norms", "freeze_norms", "in_roi_heads", "norm_factory", "reset_norms"]
+__all__ = [
+    "convert_norms",
+    "evalnorm_norm",
+    "freeze_norms",
+    "in_roi_heads",
+    "norm_factory",
+    "reset_norms",
+]
 
 
 def norm_factory(cfg, norm, norm_batch_size, microbatch=False):
-    """What detectron2's blocks take as ``norm``: ``norm`` itself for detectron2's names, else
-    a callable ``channels -> EvalNorm2d`` set up from ``MODEL.EVALNORM`` (initial alpha/beta,
-    evaluation mode) for normalization batch size ``norm_batch_size``, normalizing groups of
-    that many samples in training when ``microbatch``."""
+    """:func:`evalnorm_norm` set up from ``MODEL.EVALNORM`` (initial alpha/beta, evaluation
+    mode, how frozen layers train) for normalization batch size ``norm_batch_size``."""
+    en = cfg.MODEL.EVALNORM
+    return evalnorm_norm(
+        norm,
+        norm_batch_size,
+        init=en.INIT,
+        init_alpha=en.INIT_ALPHA,
+        init_beta=en.INIT_BETA,
+        eval_mode=en.EVAL_MODE,
+        frozen_en=en.FROZEN_EN,
+        microbatch=microbatch,
+    )
+
+
+def evalnorm_norm(
+    norm,
+    norm_batch_size,
+    *,
+    samples_per_image=1,
+    init="rule_of_thumb",
+    init_alpha=0.1,
+    init_beta=0.1,
+    eval_mode="en",
+    frozen_en="frozen_target",
+    microbatch=False,
+):
+    """What detectron2's blocks take as ``norm``: ``norm`` itself for detectron2's names ("BN",
+    "FrozenBN", "GN", "" ...), else a callable ``channels -> EvalNorm2d`` ("EN", "FrozenEN").
+
+    Args:
+        norm_batch_size (int): images per GPU in training.
+        samples_per_image (int): samples each image adds to the layer's normalization batch:
+            1 in the backbone, sampled ROIs per image in the ROI heads. The layer's B is
+            ``norm_batch_size * samples_per_image``.
+        init, init_alpha, init_beta: how alpha/beta start ("rule_of_thumb" 1/B^2, "simple"
+            1/B, or "value": ``init_alpha``, ``init_beta``).
+        eval_mode (str): the layer's evaluation mode ("en", "ema", ...).
+        frozen_en (str): how "FrozenEN" layers train (see ``MODEL.EVALNORM.FROZEN_EN``).
+        microbatch (bool): normalize each group of B samples on its own in training.
+    """
     if norm not in EVALNORM_NAMES:
         return norm
+    norm_batch_size = norm_batch_size * samples_per_image
+    coefficients = _coefficients(init, init_alpha, init_beta)
 
     def make(channels):
         layer = get_norm(norm, channels, norm_batch_size=norm_batch_size, microbatch=microbatch)
-        return _configure(cfg, layer)
+        return _configure(layer, coefficients, eval_mode, frozen_en)
 
     return make
 
 
-def _configure(cfg, layer):
-    """Initial alpha/beta (``MODEL.EVALNORM.INIT``), evaluation mode and, if frozen, how it
-    trains (``MODEL.EVALNORM.FROZEN_EN``) of a new layer."""
-    en = cfg.MODEL.EVALNORM
-    layer.set_coefficients(*((en.INIT_ALPHA, en.INIT_BETA) if en.INIT == "value" else (en.INIT,)))
-    layer.mode = en.EVAL_MODE
+def _configure(layer, coefficients, eval_mode, frozen_en):
+    """Initial alpha/beta, evaluation mode and, if frozen, how it trains, of a new layer."""
+    layer.set_coefficients(*coefficients)
+    layer.mode = eval_mode
     if layer.frozen:
-        layer.frozen_en = en.FROZEN_EN
+        layer.frozen_en = frozen_en
     return layer
+
+
+def _configure_from(cfg, layer):
+    """:func:`_configure` with ``MODEL.EVALNORM``'s settings."""
+    en = cfg.MODEL.EVALNORM
+    coefficients = _coefficients(en.INIT, en.INIT_ALPHA, en.INIT_BETA)
+    return _configure(layer, coefficients, en.EVAL_MODE, en.FROZEN_EN)
+
+
+def _coefficients(init, init_alpha, init_beta):
+    """``EvalNorm2d.set_coefficients``'s arguments for an ``INIT`` choice."""
+    return (init_alpha, init_beta) if init == "value" else (init,)
 
 
 def in_roi_heads(name):
@@ -63,7 +119,7 @@ def convert_norms(cfg, model, batch_sizes):
     convert_to_evalnorm(model, images, init="ema")
     converted = [m for m in model.modules() if isinstance(m, EvalNorm2d) and id(m) not in existing]
     for m in converted:
-        _configure(cfg, m)
+        _configure_from(cfg, m)
     return len(converted)
 
 

@@ -3,14 +3,32 @@
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import ROI_HEADS_REGISTRY
-from detectron2.modeling.backbone.resnet import BottleneckBlock, ResNet
 from detectron2.modeling.roi_heads import Res5ROIHeads
 from torch import nn
 
 from ..config import norm_batch_sizes
+from .backbone import resnet_stage
 from .norms import norm_factory
 
-__all__ = ["EvalNormRes5ROIHeads"]
+__all__ = ["EvalNormRes5ROIHeads", "evalnorm_res5"]
+
+
+def evalnorm_res5(
+    *, norm, res2_out_channels=256, num_groups=1, width_per_group=64, stride_in_1x1=True
+):
+    """The C4 box head's res5, as detectron2's ``Res5ROIHeads`` makes it: 3 bottleneck blocks
+    (stride 2 in the first), widths from the ``MODEL.RESNETS`` settings, every norm made by
+    ``norm`` (for EvalNorm, :func:`evalnorm_norm` with B = sampled ROIs per GPU)."""
+    blocks = resnet_stage(
+        3,
+        3,
+        norm=norm,
+        res2_out_channels=res2_out_channels,
+        num_groups=num_groups,
+        width_per_group=width_per_group,
+        stride_in_1x1=stride_in_1x1,
+    )
+    return nn.Sequential(*blocks)
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -42,19 +60,14 @@ class EvalNormRes5ROIHeads(Res5ROIHeads):
     def _build_res5_block(cls, cfg):
         r = cfg.MODEL.RESNETS
         rois_per_gpu = norm_batch_sizes(cfg).rois
-        out_channels = r.RES2_OUT_CHANNELS * 8  # res5 has 8x res2's channels
-        blocks = ResNet.make_stage(
-            BottleneckBlock,
-            3,
-            stride_per_block=[2, 1, 1],
-            in_channels=out_channels // 2,
-            bottleneck_channels=r.NUM_GROUPS * r.WIDTH_PER_GROUP * 8,
-            out_channels=out_channels,
-            num_groups=r.NUM_GROUPS,
+        res5 = evalnorm_res5(
             norm=norm_factory(cfg, cfg.MODEL.EVALNORM.ROI_HEAD_NORM, rois_per_gpu),
+            res2_out_channels=r.RES2_OUT_CHANNELS,
+            num_groups=r.NUM_GROUPS,
+            width_per_group=r.WIDTH_PER_GROUP,
             stride_in_1x1=r.STRIDE_IN_1X1,
         )
-        return nn.Sequential(*blocks), out_channels
+        return res5, r.RES2_OUT_CHANNELS * 8  # res5 has 8x res2's channels
 
     def _shared_roi_transform(self, features, boxes):
         if not (self.training and self.microbatch_images):

@@ -8,9 +8,10 @@ import random
 import numpy as np
 import torch
 from detectron2.data import build_detection_train_loader
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import HookBase
 from detectron2.utils import comm
-from torch.utils.data import Sampler
+from torch.utils.data import IterableDataset, Sampler
 
 from .d2_internals import (
     sampler_seed,
@@ -19,7 +20,12 @@ from .d2_internals import (
     train_loader_arguments,
 )
 
-__all__ = ["ResumeStateHook", "SkippingSampler", "resumable_train_loader"]
+__all__ = [
+    "ResumeStateHook",
+    "SkippingSampler",
+    "resumable_train_loader",
+    "skipping_train_loader",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +44,22 @@ class SkippingSampler(Sampler):
 
 
 def resumable_train_loader(cfg, mapper):
-    """``build_detection_train_loader(cfg, mapper=mapper)``, its sampler wrapped in a
-    :class:`SkippingSampler`, which ``ResumeStateHook`` finds again as the loader's
-    ``skipping_sampler``."""
-    kwargs = train_loader_arguments(cfg, mapper)
-    if kwargs["sampler"] is not None:
-        kwargs["sampler"] = SkippingSampler(kwargs["sampler"])
+    """``build_detection_train_loader(cfg, mapper=mapper)`` made by
+    :func:`skipping_train_loader`."""
+    return skipping_train_loader(**train_loader_arguments(cfg, mapper))
+
+
+def skipping_train_loader(**kwargs):
+    """``build_detection_train_loader(**kwargs)``, its sampler (detectron2's ``TrainingSampler``
+    when none is given, as it would make) wrapped in a :class:`SkippingSampler`, which
+    ``ResumeStateHook`` finds again as the loader's ``skipping_sampler``."""
+    sampler, dataset = kwargs.get("sampler"), kwargs["dataset"]
+    if sampler is None and not isinstance(dataset, IterableDataset):
+        sampler = TrainingSampler(len(dataset))
+    if sampler is not None:
+        kwargs["sampler"] = SkippingSampler(sampler)
     loader = build_detection_train_loader(**kwargs)
-    loader.skipping_sampler = kwargs["sampler"]
+    loader.skipping_sampler = kwargs.get("sampler")
     return loader
 
 
