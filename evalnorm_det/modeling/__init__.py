@@ -1,16 +1,22 @@
-"""detectron2 components, registered on import: the C4 and FPN backbones, the Res5 ROI heads
-and the conv+fc box head."""
+"""detectron2 components, registered on import: the C4 and FPN backbones, the Res5 ROI heads,
+the conv+fc box head, and RetinaNet with EvalNorm in its head."""
 
 from .backbone import (
     build_evalnorm_resnet,
     build_evalnorm_resnet_c4_backbone,
     build_evalnorm_resnet_fpn_backbone,
+    build_evalnorm_retinanet_resnet_fpn_backbone,
 )
 from .box_head import EvalNormConvFCHead
 from .norms import convert_norms, freeze_norms, in_roi_heads, norm_factory, reset_norms
+from .retinanet import CycleEvalNormList, EvalNormRetinaNet, EvalNormRetinaNetHead
 from .roi_heads import EvalNormRes5ROIHeads
 
 __all__ = [
+    "CycleEvalNormList",
+    "EvalNormRetinaNet",
+    "EvalNormRetinaNetHead",
+    "build_evalnorm_retinanet_resnet_fpn_backbone",
     "EvalNormConvFCHead",
     "EvalNormRes5ROIHeads",
     "build_evalnorm_resnet",
