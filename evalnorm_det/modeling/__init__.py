@@ -14,14 +14,14 @@ from .roi_heads import EvalNormRes5ROIHeads
 
 __all__ = [
     "CycleEvalNormList",
-    "EvalNormRetinaNet",
-    "EvalNormRetinaNetHead",
-    "build_evalnorm_retinanet_resnet_fpn_backbone",
     "EvalNormConvFCHead",
     "EvalNormRes5ROIHeads",
+    "EvalNormRetinaNet",
+    "EvalNormRetinaNetHead",
     "build_evalnorm_resnet",
     "build_evalnorm_resnet_c4_backbone",
     "build_evalnorm_resnet_fpn_backbone",
+    "build_evalnorm_retinanet_resnet_fpn_backbone",
     "convert_norms",
     "freeze_norms",
     "in_roi_heads",

@@ -130,7 +130,7 @@ def trained(tmp_path_factory):
 
 
 def test_per_level_statistics_and_coefficients_are_per_level(trained):
-    cfg, trainer = trained["per_level"]
+    _, trainer = trained["per_level"]
     for cycle in head_norms(trainer.model):
         # One update per iteration for each level's layer; levels learn other statistics.
         assert [m.num_batches_tracked.item() for m in cycle] == [3] * LEVELS
@@ -172,7 +172,7 @@ def test_evaluation_at_level_k_uses_the_statistics_of_level_k(trained):
 
 
 def test_shared_en_is_one_evalnorm2d_called_at_every_level(trained):
-    cfg, trainer = trained["shared"]
+    _, trainer = trained["shared"]
     model = trainer.model
     norm = head_norms(model)[0]
     assert type(norm) is EvalNorm2d and norm.num_batches_tracked.item() == 3 * LEVELS
