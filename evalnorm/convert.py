@@ -139,16 +139,22 @@ def convert_to_batchnorm(model, strict=False):
 
     def to_batchnorm(en, name):
         stats = en.running_mean
-        if en.frozen:
+        if en.frozen and en.affine:
             bn = _new_frozen_batchnorm(en.num_features, en.eps).to(
                 device=stats.device, dtype=stats.dtype
             )
-        else:
+        else:  # without affine (a per-level layer), a frozen one becomes a BatchNorm2d too
             bn = nn.BatchNorm2d(
-                en.num_features, en.eps, en.momentum, device=stats.device, dtype=stats.dtype
+                en.num_features,
+                en.eps,
+                en.momentum,
+                affine=en.affine,
+                device=stats.device,
+                dtype=stats.dtype,
             )
-            bn.weight.requires_grad_(en.weight.requires_grad)
-            bn.bias.requires_grad_(en.bias.requires_grad)
+            if en.affine:
+                bn.weight.requires_grad_(en.weight.requires_grad)
+                bn.bias.requires_grad_(en.bias.requires_grad)
         _copy_batchnorm_state(en, bn)
         return bn.train(en.training)
 
@@ -175,7 +181,8 @@ def _evaluates_as_ema(layer):
 @torch.no_grad()
 def _copy_batchnorm_state(src, dst):
     for name in ("weight", "bias", "running_mean", "running_var"):
-        getattr(dst, name).copy_(getattr(src, name))
+        if getattr(src, name) is not None:  # affine=False layers have no weight, bias
+            getattr(dst, name).copy_(getattr(src, name))
     src_count, dst_count = (
         getattr(src, "num_batches_tracked", None),
         getattr(dst, "num_batches_tracked", None),

@@ -171,7 +171,7 @@ def _layer_change_hook(changes, i):
             return
         dtype = torch.promote_types(y.dtype, torch.float32)
         x, y = x.to(dtype), y.to(dtype)
-        w, b = m.weight.to(dtype), m.bias.to(dtype)
+        w, b = _affine(m, dtype)
         rm, rv = m.running_mean.to(dtype), m.running_var.to(dtype)
         y_ema = F.batch_norm(x, rm, rv, w, b, False, 0.0, m.eps)
         diff = torch.linalg.vector_norm(y_ema - y)
@@ -260,10 +260,19 @@ def _fold_into(conv, norm):
             f"cannot fold an EvalNorm2d of {norm.num_features} channels into a convolution "
             f"with {conv.out_channels} outputs"
         )
-    scale = norm.weight.double() * torch.rsqrt(norm.running_var.double() + norm.eps)
-    shift = norm.bias.double() - norm.running_mean.double() * scale
+    weight, bias = _affine(norm, torch.float64)
+    scale = weight * torch.rsqrt(norm.running_var.double() + norm.eps)
+    shift = bias - norm.running_mean.double() * scale
     if conv.bias is not None:
         shift = shift + conv.bias.double() * scale
     dtype = conv.weight.dtype
     conv.weight.copy_(conv.weight.double() * scale.view(-1, *[1] * (conv.weight.dim() - 1)))
     conv.bias = nn.Parameter(shift.to(dtype), requires_grad=conv.weight.requires_grad)
+
+
+def _affine(norm, dtype):
+    """``norm``'s weight and bias in ``dtype``; 1 and 0 for a layer without affine."""
+    if norm.affine:
+        return norm.weight.to(dtype), norm.bias.to(dtype)
+    ones = torch.ones_like(norm.running_var, dtype=dtype)
+    return ones, torch.zeros_like(ones)

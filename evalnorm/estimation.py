@@ -439,7 +439,7 @@ def _add_matching_grad(m, x, target):
             m.eps,
         )
         grad = torch.stack(torch.autograd.grad(loss, (alpha_logit, beta_logit)))
-    m.add_aux_grad(grad, loss)
+    m.add_aux_grad(grad, loss, x[:, 0].numel())
 
 
 def _mean_aux_loss(layers):

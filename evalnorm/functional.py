@@ -100,7 +100,8 @@ def evalnorm_statistics(mu_i, var_i, mu_e, var_e, alpha, beta):
 
 
 def evalnorm(x, running_mean, running_var, weight, bias, alpha, beta, eps):
-    """EvalNorm's evaluation output: ``weight * (x - mu_hat) / sqrt(var_hat + eps) + bias``.
+    """EvalNorm's evaluation output: ``weight * (x - mu_hat) / sqrt(var_hat + eps) + bias``
+    (``weight``, ``bias``: (C,) tensors, or None for none).
 
     ``x`` must already be in the computation dtype. Without autograd (inference) the output
     comes from BatchNorm's own evaluation kernel on a (1, N*C, H, W) view, each (sample,
@@ -112,15 +113,19 @@ def evalnorm(x, running_mean, running_var, weight, bias, alpha, beta, eps):
     mu_i, var_i = sample_statistics(x)
     mu_hat, var_hat = evalnorm_statistics(mu_i, var_i, running_mean, running_var, alpha, beta)
     if torch.is_grad_enabled() or is_exporting():
-        scale = torch.rsqrt(var_hat + eps)[:, :, None, None] * weight[:, None, None]
+        scale = torch.rsqrt(var_hat + eps)[:, :, None, None]
+        if weight is not None:
+            scale = scale * weight[:, None, None]
+        if bias is None:
+            return (x - mu_hat[:, :, None, None]) * scale
         return torch.addcmul(bias[:, None, None], x - mu_hat[:, :, None, None], scale)
     n, c, h, w = x.shape
     y = F.batch_norm(
         x.reshape(1, n * c, h, w),
         mu_hat.reshape(-1),
         var_hat.reshape(-1),
-        weight.repeat(n),
-        bias.repeat(n),
+        None if weight is None else weight.repeat(n),
+        None if bias is None else bias.repeat(n),
         False,
         0.0,
         eps,

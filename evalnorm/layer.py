@@ -72,7 +72,9 @@ class EvalNorm2d(nn.BatchNorm2d):
     variance), both in [0, 1]; see ``mode`` for the other choices.
 
     Args:
-        num_features, eps, momentum: as in ``BatchNorm2d``.
+        num_features, eps, momentum, affine: as in ``BatchNorm2d``. With ``affine`` False the
+            layer has no ``weight``/``bias`` (None) and outputs the normalized input, as
+            detectron2's ``CycleBatchNormList`` needs of its per-level layers.
         norm_batch_size (int or None): B, the samples whose statistics training pools (images
             per GPU in a backbone, sampled ROIs per GPU in a box head). Needed for the rule of
             thumb and for ``microbatch``.
@@ -113,10 +115,13 @@ class EvalNorm2d(nn.BatchNorm2d):
         frozen=False,
         frozen_en="frozen_target",
         init=None,
+        affine=True,
         device=None,
         dtype=None,
     ):
-        super().__init__(num_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        super().__init__(
+            num_features, eps=eps, momentum=momentum, affine=affine, device=device, dtype=dtype
+        )
         if norm_batch_size is not None and (
             isinstance(norm_batch_size, bool)
             or not isinstance(norm_batch_size, int)
@@ -133,7 +138,7 @@ class EvalNorm2d(nn.BatchNorm2d):
         self.microbatch = bool(microbatch)
         self.frozen = bool(frozen)
         self.frozen_en = frozen_en
-        if self.frozen:
+        if self.frozen and self.affine:
             self.weight.requires_grad_(False)
             self.bias.requires_grad_(False)
         self.alpha_logit = nn.Parameter(
@@ -148,7 +153,11 @@ class EvalNorm2d(nn.BatchNorm2d):
         self.mode = "en"
         self.estimate_online = False
         self.aux_max_positions = None
-        self._aux_grad = None  # summed d(aux loss)/d(alpha_logit, beta_logit) since the last take
+        # d(aux loss)/d(alpha_logit, beta_logit) pooled over the estimating forwards since the
+        # last take, the (sample, position) pairs they averaged, and the EMA they used.
+        self._aux_grad = None
+        self._aux_count = 0
+        self._aux_ema = None
         self.last_aux_loss = None  # detached 0-d tensor from the latest estimating forward
 
     @property
@@ -202,7 +211,7 @@ class EvalNorm2d(nn.BatchNorm2d):
         if self.estimate_online and n > 0:
             # Against the EMA that evaluation would use for these samples: before they update
             # it. The estimation reads x alone, so running it first changes nothing below.
-            self._accumulate_aux_grad(x, self.running_mean, self.running_var, group_size)
+            self._accumulate_aux_grad(x, *self._estimation_ema(), group_size)
         if self.frozen and self.frozen_en == "batch_stats":
             if group_size is not None:
                 y = self._microbatch_forward(x, group_size, update=False)
@@ -240,8 +249,16 @@ class EvalNorm2d(nn.BatchNorm2d):
         stats_dtype = self.running_mean.dtype
         means = torch.zeros(k * c, device=x.device, dtype=stats_dtype)
         variances = torch.ones(k * c, device=x.device, dtype=stats_dtype)
+        weight, bias = (None, None) if not self.affine else (self.weight, self.bias)
         y = F.batch_norm(
-            xg, means, variances, self.weight.repeat(k), self.bias.repeat(k), True, 1.0, self.eps
+            xg,
+            means,
+            variances,
+            None if weight is None else weight.repeat(k),
+            None if bias is None else bias.repeat(k),
+            True,
+            1.0,
+            self.eps,
         )
         y = y.view(group_size, k, c, h, w).transpose(0, 1).reshape(n, c, h, w)
         if not (update and self.track_running_stats):  # batch statistics, EMA untouched
@@ -275,13 +292,25 @@ class EvalNorm2d(nn.BatchNorm2d):
                 x.to(dtype),
                 self.running_mean.to(dtype),
                 self.running_var.to(dtype),
-                self.weight.to(dtype),
-                self.bias.to(dtype),
+                None if self.weight is None else self.weight.to(dtype),
+                None if self.bias is None else self.bias.to(dtype),
                 alpha if isinstance(alpha, float) else alpha.to(dtype),
                 beta if isinstance(beta, float) else beta.to(dtype),
                 self.eps,
             )
         return y.to(x.dtype)
+
+    def _estimation_ema(self):
+        """(running_mean, running_var) the auxiliary loss compares against: the EMA at the
+        first estimating forward since the last ``take_aux_grad``, kept for the later ones.
+
+        A layer applied several times per training step (a head shared across FPN levels)
+        updates its EMA at each call, but evaluation only ever sees an EMA as a step leaves it;
+        the closest such state to this step's samples is the one the step started from. With
+        one call per step this is the current EMA, as before."""
+        if self._aux_grad is None or self._aux_ema is None:
+            self._aux_ema = (self.running_mean.detach().clone(), self.running_var.detach().clone())
+        return self._aux_ema
 
     def _accumulate_aux_grad(self, x, mu_e, var_e, group_size):
         """Eqs. 7-9 on this forward's samples; the gradient goes to alpha/beta only."""
@@ -311,19 +340,33 @@ class EvalNorm2d(nn.BatchNorm2d):
                 self.aux_max_positions,
             )
             grad = torch.stack(torch.autograd.grad(loss, (alpha_logit, beta_logit)))
-        self.add_aux_grad(grad, loss)
+        self.add_aux_grad(grad, loss, x[:, 0].numel())
 
-    def add_aux_grad(self, grad, loss):
-        """Add ``grad``, d(loss)/d(alpha_logit, beta_logit) of shape (2,), to the sum that
-        ``take_aux_grad`` returns, and keep ``loss`` as ``last_aux_loss``."""
-        grad = grad.to(self.alpha_logit.dtype)
-        self._aux_grad = grad if self._aux_grad is None else self._aux_grad + grad
-        self.last_aux_loss = loss.detach()
+    def add_aux_grad(self, grad, loss, count=1):
+        """Pool ``grad``, d(loss)/d(alpha_logit, beta_logit) of shape (2,), into the gradient
+        ``take_aux_grad`` returns; ``loss`` is the mean over the ``count`` (sample, position)
+        pairs per channel of one forward (estimated from a subsample with ``max_positions``).
+
+        Calls since the last take pool as one loss, the mean over all their pairs: the
+        gradients and losses are averaged with weights ``count``. One call gives its own
+        ``grad`` and ``loss``; a layer run once per FPN level gets the loss of every level's
+        activations together, as the paper's loss over all the activations the layer
+        normalizes. ``last_aux_loss`` holds the pooled loss."""
+        grad, loss = grad.to(self.alpha_logit.dtype), loss.detach()
+        if self._aux_grad is None:
+            self._aux_grad, self.last_aux_loss, self._aux_count = grad, loss, count
+            return
+        self._aux_count += count
+        share = count / self._aux_count
+        self._aux_grad = self._aux_grad.lerp(grad, share)
+        previous = self.last_aux_loss
+        self.last_aux_loss = loss if previous is None else previous.lerp(loss.to(previous), share)
 
     def take_aux_grad(self):
-        """The summed auxiliary-loss gradient for (alpha_logit, beta_logit), shape (2,), or
-        None if no estimating forward ran since the last call; the sum restarts at zero."""
+        """The pooled auxiliary-loss gradient for (alpha_logit, beta_logit), shape (2,), or
+        None if no estimating forward ran since the last call; pooling restarts."""
         grad, self._aux_grad = self._aux_grad, None
+        self._aux_count, self._aux_ema = 0, None
         return grad
 
     def _load_from_state_dict(

@@ -154,6 +154,14 @@ def add_evalnorm_config(cfg):
     _C.TEST.EVALNORM_CALIBRATION.DATASET = ""
     _C.TEST.EVALNORM_CALIBRATION.FACTORS = list(FACTORS)
 
+    # RetinaNet (MODEL.META_ARCHITECTURE "EvalNormRetinaNet"): its head runs at every FPN
+    # level, and MODEL.RETINANET.NORM (detectron2's names, "EN", "FrozenEN"; B = images per
+    # GPU) keeps "per_level" running statistics (and alpha/beta), one set per level with a
+    # shared affine (detectron2's CycleBatchNormList for BN/SyncBN), or one "shared" set for
+    # all levels, updated at every level (for BN: the baseline detectron2 warns against).
+    # GN, FrozenBN and "" have no trained statistics: always shared.
+    _C.MODEL.EVALNORM.RETINANET_HEAD_STATS = "per_level"
+
     # When > 0, every image is resized to SQUARE_SIZE x SQUARE_SIZE, in training and test
     # (the paper's 600x600), instead of INPUT.MIN_SIZE_* / MAX_SIZE_*.
     _C.INPUT.SQUARE_SIZE = 0
@@ -210,12 +218,14 @@ def _rows_key(cfg):
 
 def configured_rows(cfg):
     """The rows of the evaluation table: ``TEST.EVALNORM_ROWS`` with "all" expanded, in
-    ``TABLE_ROWS`` order ("en_calibrated" only where a calibration dataset is set)."""
+    ``TABLE_ROWS`` order ("en_calibrated" only where a calibration dataset is set, the ROI
+    heads' rows only for models that have them)."""
     rows = _rows_key(cfg)[1]
     if "all" not in rows:
         return rows
     calibrated = bool(cfg.TEST.EVALNORM_CALIBRATION.DATASET)
-    return [r for r in TABLE_ROWS if r != "en_calibrated" or calibrated]
+    rows = [r for r in TABLE_ROWS if r != "en_calibrated" or calibrated]
+    return [r for r in rows if not (_is_retinanet(cfg) and r in ROI_HEAD_ROWS)]
 
 
 def check_evalnorm_config(cfg, world_size=None, training=True):
@@ -266,6 +276,7 @@ def check_evalnorm_config(cfg, world_size=None, training=True):
         raise ValueError(f"{rows_key} is empty: list at least one of " + ", ".join(TABLE_ROWS))
     for row in rows:
         _check_choice(row, (*TABLE_ROWS, "all"), f"{rows_key} entry")
+    _check_retinanet(cfg, rows_key, rows)
     _check_calibration(cfg, rows_key, rows)
     if cfg.INPUT.SQUARE_SIZE < 0:
         raise ValueError(f"INPUT.SQUARE_SIZE={cfg.INPUT.SQUARE_SIZE!r}: expected 0 (off) or > 0")
@@ -309,6 +320,42 @@ def _check_calibration(cfg, rows_key, rows):
         )
 
 
+RETINANET_HEAD_STATS = ("per_level", "shared")
+# Table rows that need ROI heads, which RetinaNet has none of.
+ROI_HEAD_ROWS = ("head_batch_stats",)
+
+
+def _is_retinanet(cfg):
+    return cfg.MODEL.META_ARCHITECTURE in ("RetinaNet", "EvalNormRetinaNet")
+
+
+def _check_retinanet(cfg, rows_key, rows):
+    _check_choice(
+        cfg.MODEL.EVALNORM.RETINANET_HEAD_STATS,
+        RETINANET_HEAD_STATS,
+        "MODEL.EVALNORM.RETINANET_HEAD_STATS",
+    )
+    if not _is_retinanet(cfg):
+        return
+    norm, arch = cfg.MODEL.RETINANET.NORM, cfg.MODEL.META_ARCHITECTURE
+    _check_choice(norm, EVALNORM_NAMES + DETECTRON2_NORMS, "MODEL.RETINANET.NORM")
+    if arch == "RetinaNet" and (
+        norm in EVALNORM_NAMES or cfg.MODEL.EVALNORM.RETINANET_HEAD_STATS != "per_level"
+    ):
+        raise ValueError(
+            f"MODEL.RETINANET.NORM={norm!r} with MODEL.EVALNORM.RETINANET_HEAD_STATS="
+            f"{cfg.MODEL.EVALNORM.RETINANET_HEAD_STATS!r} needs MODEL.META_ARCHITECTURE "
+            "'EvalNormRetinaNet' (detectron2's 'RetinaNet' knows neither)"
+        )
+    if "all" not in rows:
+        for row in rows:
+            if row in ROI_HEAD_ROWS:
+                raise ValueError(
+                    f"{rows_key} has {row!r}, which evaluates the ROI heads' norms on batch "
+                    f"statistics: MODEL.META_ARCHITECTURE={arch!r} has no ROI heads"
+                )
+
+
 def _check_microbatch(cfg):
     en = cfg.MODEL.EVALNORM
     if not en.NORM_BATCH_SIZE:
@@ -323,12 +370,17 @@ def _check_microbatch(cfg):
         "MODEL.EVALNORM.ROI_HEAD_NORM": en.ROI_HEAD_NORM,
         "MODEL.FPN.NORM": cfg.MODEL.FPN.NORM,
     }
+    if _is_retinanet(cfg):  # no ROI heads; its head's norms pool the images of each level
+        del keys["MODEL.EVALNORM.ROI_HEAD_NORM"]
+        keys["MODEL.RETINANET.NORM"] = cfg.MODEL.RETINANET.NORM
     for key, norm in keys.items():
         if norm in pooling:
             raise ValueError(
                 f"{key}={norm!r} normalizes over all images of a process: "
                 "MODEL.EVALNORM.MICROBATCH needs EN, FrozenEN, FrozenBN, GN or ''"
             )
+    if _is_retinanet(cfg):
+        return
     if en.ROI_HEAD_NORM in EVALNORM_NAMES and cfg.MODEL.ROI_HEADS.NAME != "EvalNormRes5ROIHeads":
         raise ValueError(
             f"MODEL.EVALNORM.MICROBATCH with MODEL.EVALNORM.ROI_HEAD_NORM={en.ROI_HEAD_NORM!r} "

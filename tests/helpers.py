@@ -65,8 +65,9 @@ def randomize_batchnorm(model, seed=0):
             c = m.running_mean.numel()
             m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
             m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+            if getattr(m, "weight", None) is not None:  # affine=False layers have none
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
     return model
 
 

@@ -22,7 +22,7 @@ from evalnorm import EvalNorm2d
 from evalnorm.diagnosis import calibrate_coefficients
 
 from ..config import check_evalnorm_config, configured_rows, norm_batch_sizes
-from ..modeling import reset_norms
+from ..modeling import CycleEvalNormList, reset_norms
 from ..utils.cpu import amp_on_cpu, ddp_on_cpu
 from ..utils.d2_internals import (
     inner_trainer,
@@ -108,7 +108,9 @@ class Trainer(DefaultTrainer):
             # After the estimation step, before anything is saved: NaN stops with the layer name.
             # Training EvalNorm layers take a NaN into their running statistics in the very
             # forward that meets it, so the first layer found is where it appeared.
-            nonfinite = NonFiniteCheckHook(layers, _CHECKED, kind="EvalNorm")
+            # Per-level lists (RetinaNet's head) hold the shared affine of their EvalNorm2d.
+            cycles = [(n, m) for n, m in model.named_modules() if isinstance(m, CycleEvalNormList)]
+            nonfinite = NonFiniteCheckHook(layers + cycles, _CHECKED, kind="EvalNorm")
             insert_hook(hooks, nonfinite, before=PeriodicCheckpointer)
         return hooks
 

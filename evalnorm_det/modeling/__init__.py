@@ -1,10 +1,11 @@
-"""detectron2 components, registered on import: the C4 and FPN backbones, the Res5 ROI heads
-and the conv+fc box head."""
+"""detectron2 components, registered on import: the C4 and FPN backbones, the Res5 ROI heads,
+the conv+fc box head, and RetinaNet with EvalNorm in its head."""
 
 from .backbone import (
     build_evalnorm_resnet,
     build_evalnorm_resnet_c4_backbone,
     build_evalnorm_resnet_fpn_backbone,
+    build_evalnorm_retinanet_resnet_fpn_backbone,
     evalnorm_resnet,
     resnet_stage,
 )
@@ -17,14 +18,19 @@ from .norms import (
     norm_factory,
     reset_norms,
 )
+from .retinanet import CycleEvalNormList, EvalNormRetinaNet, EvalNormRetinaNetHead
 from .roi_heads import EvalNormRes5ROIHeads, evalnorm_res5
 
 __all__ = [
+    "CycleEvalNormList",
     "EvalNormConvFCHead",
     "EvalNormRes5ROIHeads",
+    "EvalNormRetinaNet",
+    "EvalNormRetinaNetHead",
     "build_evalnorm_resnet",
     "build_evalnorm_resnet_c4_backbone",
     "build_evalnorm_resnet_fpn_backbone",
+    "build_evalnorm_retinanet_resnet_fpn_backbone",
     "convert_norms",
     "evalnorm_norm",
     "evalnorm_res5",

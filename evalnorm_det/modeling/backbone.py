@@ -1,8 +1,8 @@
 """ResNet backbones with EvalNorm, registered in BACKBONE_REGISTRY: C4 (stem, res2-res4) and
-FPN (stem, res2-res5 under detectron2's ``FPN``)."""
+FPN (stem, res2-res5 under detectron2's ``FPN``; p2-p6, or RetinaNet's p3-p7)."""
 
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 
 from ..config import norm_batch_sizes
@@ -13,6 +13,7 @@ __all__ = [
     "build_evalnorm_resnet",
     "build_evalnorm_resnet_c4_backbone",
     "build_evalnorm_resnet_fpn_backbone",
+    "build_evalnorm_retinanet_resnet_fpn_backbone",
     "evalnorm_resnet",
     "resnet_stage",
 ]
@@ -151,6 +152,12 @@ def build_evalnorm_resnet_fpn_backbone(cfg, input_shape):
     ``MODEL.FPN.IN_FEATURES`` res2-res5); same module names (``bottom_up.res2``,
     ``fpn_lateral2``, ...), so the same checkpoints. ``MODEL.FPN.NORM`` keeps detectron2's
     meaning ("": none) and also takes "EN"/"FrozenEN", with B = images per GPU."""
+    return _evalnorm_fpn(cfg, input_shape, lambda bottom_up: LastLevelMaxPool())
+
+
+def _evalnorm_fpn(cfg, input_shape, top_block):
+    """detectron2's ``FPN`` over :func:`build_evalnorm_resnet`'s res2-res5, its extra levels
+    ``top_block(bottom_up)``."""
     r, fpn = cfg.MODEL.RESNETS, cfg.MODEL.FPN
     if not set(fpn.IN_FEATURES) <= set(r.OUT_FEATURES):
         raise ValueError(
@@ -162,13 +169,35 @@ def build_evalnorm_resnet_fpn_backbone(cfg, input_shape):
             f"MODEL.RESNETS.RES5_DILATION={r.RES5_DILATION}: FPN needs res5 at stride 32; use 1"
         )
     images_per_gpu = norm_batch_sizes(cfg).images
+    bottom_up = build_evalnorm_resnet(
+        cfg, input_shape, num_stages=4, norm_batch_size=images_per_gpu
+    )
     return FPN(
-        bottom_up=build_evalnorm_resnet(
-            cfg, input_shape, num_stages=4, norm_batch_size=images_per_gpu
-        ),
+        bottom_up=bottom_up,
         in_features=fpn.IN_FEATURES,
         out_channels=fpn.OUT_CHANNELS,
         norm=norm_factory(cfg, fpn.NORM, images_per_gpu, cfg.MODEL.EVALNORM.MICROBATCH),
-        top_block=LastLevelMaxPool(),
+        top_block=top_block(bottom_up),
         fuse_type=fpn.FUSE_TYPE,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_evalnorm_retinanet_resnet_fpn_backbone(cfg, input_shape):
+    """detectron2's ``build_retinanet_resnet_fpn_backbone`` with EvalNorm: as
+    :func:`build_evalnorm_resnet_fpn_backbone`, with ``LastLevelP6P7`` on res5 for the extra
+    levels (p3-p7 from ``MODEL.FPN.IN_FEATURES`` res3-res5); same module names (``fpn_lateral3``,
+    ``top_block.p6``, ...) as detectron2's, so the same checkpoints."""
+    r, fpn = cfg.MODEL.RESNETS, cfg.MODEL.FPN
+    if "res5" not in r.OUT_FEATURES:
+        raise ValueError(
+            f"MODEL.RESNETS.OUT_FEATURES={list(r.OUT_FEATURES)}: RetinaNet's p6 and p7 are "
+            "computed from res5, which must be among them"
+        )
+    return _evalnorm_fpn(
+        cfg,
+        input_shape,
+        lambda bottom_up: LastLevelP6P7(
+            bottom_up.output_shape()["res5"].channels, fpn.OUT_CHANNELS
+        ),
     )

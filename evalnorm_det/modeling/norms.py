@@ -2,7 +2,7 @@
 regimes), conversion of a BN model to EvalNorm (the rescue of BN checkpoints)."""
 
 import torch
-from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
 from torch import nn
 
 from evalnorm import EvalNorm2d, convert_to_evalnorm
@@ -107,12 +107,21 @@ def convert_norms(cfg, model, batch_sizes):
     model becomes one that evaluates in every EvalNorm mode, and in "ema" exactly as before.
 
     B is that of the layer's place in training, from ``batch_sizes`` (``NormBatchSizes``):
-    sampled ROIs per GPU in the ROI heads, images per GPU elsewhere. alpha/beta start from
+    sampled ROIs per GPU in the ROI heads, images per GPU elsewhere. A ``CycleBatchNormList``
+    (per-level BN of a RetinaNet head) becomes a ``CycleEvalNormList``. alpha/beta start from
     ``MODEL.EVALNORM.INIT``, the evaluation mode is ``MODEL.EVALNORM.EVAL_MODE``. In place;
     returns the number converted.
     """
+    from .retinanet import CycleEvalNormList  # it builds on this module
+
     images, rois = batch_sizes
     existing = {id(m) for m in model.modules() if isinstance(m, EvalNorm2d)}
+    # Per-level BatchNorm (a RetinaNet head's CycleBatchNormList) becomes per-level EvalNorm.
+    replace_modules(
+        model,
+        lambda m: isinstance(m, CycleBatchNormList) and not isinstance(m[0], EvalNorm2d),
+        lambda m, name: CycleEvalNormList.from_batchnorm(m, images),
+    )
     heads = [(name, m) for name, m in model.named_children() if in_roi_heads(name)]
     for name, head in heads:
         setattr(model, name, convert_to_evalnorm(head, rois, init="ema"))
@@ -147,9 +156,14 @@ def freeze_norms(module):
 @torch.no_grad()
 def reset_norms(model):
     """Regime (b): every BatchNorm-type layer gets fresh affine (weight 1, bias 0) and
-    statistics (mean 0, var 1); EvalNorm's alpha/beta are kept. Returns the number reset."""
+    statistics (mean 0, var 1); EvalNorm's alpha/beta are kept. The shared affine of per-level
+    norms (``CycleBatchNormList``) is reset too. Returns the number of layers reset."""
     count = 0
     for m in model.modules():
+        if isinstance(m, CycleBatchNormList) and m._affine:
+            m.weight.fill_(1.0)
+            m.bias.zero_()
+            continue
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.reset_parameters()
         elif isinstance(m, FrozenBatchNorm2d):

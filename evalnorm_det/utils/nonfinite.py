@@ -41,7 +41,9 @@ class NonFiniteCheckHook(HookBase):
     def _check(self, stage):
         if not self.layers:
             return
-        tensors = [getattr(m, k) for _, m in self.layers for k in self.tensors]
+        # A layer may lack some (affine=False EvalNorm2d: no weight; a per-level list: only
+        # its shared affine).
+        tensors = [t for _, m in self.layers for k in self.tensors if (t := _get(m, k)) is not None]
         # All of them in one tensor: a few operators and one read per step, whatever their number.
         vectors = [t for t in tensors if t.dim() == 1]
         others = [t for t in tensors if t.dim() != 1]
@@ -50,9 +52,15 @@ class NonFiniteCheckHook(HookBase):
         flat = torch.cat(vectors + rest + ([torch.stack(scalars)] if scalars else []))
         if bool(torch.isfinite(flat).all()):
             return
+        ok = torch.ones((), dtype=torch.bool, device=flat.device)
         flags = torch.stack(
             [
-                torch.stack([torch.isfinite(getattr(m, k)).all() for k in self.tensors])
+                torch.stack(
+                    [
+                        torch.isfinite(t).all() if (t := _get(m, k)) is not None else ok
+                        for k in self.tensors
+                    ]
+                )
                 for _, m in self.layers
             ]
         )
@@ -67,3 +75,8 @@ class NonFiniteCheckHook(HookBase):
                     "written; the NaN or Inf appeared at this layer or in what feeds it (the "
                     "images, the layers before it)."
                 )
+
+
+def _get(module, name):
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
