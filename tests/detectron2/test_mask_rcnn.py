@@ -281,6 +281,26 @@ def test_c4_mask_rcnn_trains_and_evaluates(tmp_path):
     assert_mask_table(Path(cfg.OUTPUT_DIR), ["EMA", "EN", "EN - EMA", "1/B^2"])
 
 
+def test_c4_mask_rcnn_with_microbatches(tmp_path):
+    """One process reproducing 2 GPUs x 2 images: res5 normalizes each group's ROIs on its own,
+    and the mask branch takes its foreground ROIs' features from those groups, in order."""
+    cfg = mask_cfg(
+        tmp_path,
+        *["SOLVER.IMS_PER_BATCH", "4", "MODEL.EVALNORM.NORM_BATCH_SIZE", "2"],
+        *["MODEL.EVALNORM.MICROBATCH", "True"],
+        fpn=False,
+    )
+    check_evalnorm_config(cfg, 1)
+    model = build_model(cfg).train()
+    calls = []
+    hook = model.roi_heads.res5.register_forward_hook(lambda m, args, out: calls.append(len(out)))
+    with EventStorage():
+        losses = model(gt_batch(4, 2))
+    hook.remove()
+    assert len(calls) == 2 and all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_mask"].item() > 0
+
+
 def assert_mask_table(out, labels, table="evalnorm_table"):
     with open(out / f"{table}.csv") as f:
         rows = list(csv.reader(f))
