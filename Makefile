@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.evalnorm-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint gpu-check demo rescue-demo clean
+.PHONY: setup test test-fast lint gpu-check demo demo-mask rescue-demo clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ gpu-check: setup
 
 demo: setup
 	$(PY) tools/train_net.py --config demo/evalnorm_digits_2img.yaml
+
+# The demo as a Mask R-CNN: box and mask AP in every row of the table.
+demo-mask: setup
+	$(PY) tools/train_net.py --config demo/evalnorm_digits_mask_2img.yaml
 
 # A BN detector trained at 2 images per batch, then rescued: the same weights in every test mode.
 BN_DEMO := output/demo_bn_digits_2img

@@ -20,6 +20,7 @@ __all__ = [
     "configured_rows",
     "images_per_process",
     "norm_batch_sizes",
+    "positives_per_image",
 ]
 
 # Norm names the builders accept besides EvalNorm's: detectron2's.
@@ -171,7 +172,10 @@ class NormBatchSizes(NamedTuple):
     """The normalization batch size B of each place in the model, as in training."""
 
     images: int  # images per GPU: B of the backbone's (and FPN's) norms
-    rois: int  # sampled ROIs per GPU: B of the ROI heads' norms
+    rois: int  # sampled ROIs per GPU: B of the ROI heads' norms (box head, C4's res5)
+    # Foreground ROIs per GPU: B of the mask head's norms. Their number varies per iteration;
+    # B is the sampler's cap, images x int(BATCH_SIZE_PER_IMAGE x POSITIVE_FRACTION).
+    fg_rois: int
 
 
 def norm_batch_sizes(cfg, world_size=None):
@@ -180,10 +184,22 @@ def norm_batch_sizes(cfg, world_size=None):
 
     Images per GPU is ``MODEL.EVALNORM.NORM_BATCH_SIZE`` when set, else
     ``SOLVER.IMS_PER_BATCH`` / ``world_size`` (the current process group's size by default),
-    which it must divide; ROIs per GPU are that times ``MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE``.
+    which it must divide; ROIs per GPU are that times ``MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE``;
+    foreground ROIs per GPU (the mask head's batch) that times the sampler's cap of positives
+    per image, ``int(BATCH_SIZE_PER_IMAGE * POSITIVE_FRACTION)`` (at least 1).
     """
     images = cfg.MODEL.EVALNORM.NORM_BATCH_SIZE or images_per_process(cfg, world_size)
-    return NormBatchSizes(images, images * cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE)
+    heads = cfg.MODEL.ROI_HEADS
+    return NormBatchSizes(
+        images, images * heads.BATCH_SIZE_PER_IMAGE, images * max(1, positives_per_image(cfg))
+    )
+
+
+def positives_per_image(cfg):
+    """The most foreground ROIs the ROI heads' sampler takes from one image: detectron2's
+    ``subsample_labels`` cap, ``int(BATCH_SIZE_PER_IMAGE * POSITIVE_FRACTION)``."""
+    heads = cfg.MODEL.ROI_HEADS
+    return int(heads.BATCH_SIZE_PER_IMAGE * heads.POSITIVE_FRACTION)
 
 
 def images_per_process(cfg, world_size=None):
@@ -280,6 +296,8 @@ def check_evalnorm_config(cfg, world_size=None, training=True):
     _check_calibration(cfg, rows_key, rows)
     if cfg.INPUT.SQUARE_SIZE < 0:
         raise ValueError(f"INPUT.SQUARE_SIZE={cfg.INPUT.SQUARE_SIZE!r}: expected 0 (off) or > 0")
+    if cfg.MODEL.MASK_ON:
+        _check_mask_head(cfg)
     if en.MICROBATCH:
         _check_microbatch(cfg)
     if training or not en.NORM_BATCH_SIZE:
@@ -354,6 +372,41 @@ def _check_retinanet(cfg, rows_key, rows):
                     f"{rows_key} has {row!r}, which evaluates the ROI heads' norms on batch "
                     f"statistics: MODEL.META_ARCHITECTURE={arch!r} has no ROI heads"
                 )
+
+
+# The registered name of evalnorm_det.modeling.EvalNormConvUpsampleHead.
+EVALNORM_MASK_HEAD = "EvalNormConvUpsampleHead"
+
+
+def _check_mask_head(cfg):
+    """The keys a Mask R-CNN (``MODEL.MASK_ON``) reads beyond a box detector's."""
+    heads, mask = cfg.MODEL.ROI_HEADS, cfg.MODEL.ROI_MASK_HEAD
+    if positives_per_image(cfg) < 1:
+        raise ValueError(
+            f"MODEL.ROI_HEADS.POSITIVE_FRACTION={heads.POSITIVE_FRACTION} x "
+            f"BATCH_SIZE_PER_IMAGE={heads.BATCH_SIZE_PER_IMAGE} is below 1: the sampler takes "
+            "no foreground ROI, so the mask head (MODEL.MASK_ON) would never train"
+        )
+    if mask.NAME == EVALNORM_MASK_HEAD and mask.NUM_CONV < 1:
+        raise ValueError(
+            f"MODEL.ROI_MASK_HEAD.NAME={mask.NAME!r} with MODEL.ROI_MASK_HEAD.NUM_CONV="
+            f"{mask.NUM_CONV}: the head has no convolution to normalize (in C4, res5 in the ROI "
+            "heads carries the norm and the mask head is the deconvolution alone); use "
+            "'MaskRCNNConvUpsampleHead', or NUM_CONV >= 1"
+        )
+    if mask.NAME != EVALNORM_MASK_HEAD and mask.NORM in EVALNORM_NAMES:
+        raise ValueError(
+            f"MODEL.ROI_MASK_HEAD.NORM={mask.NORM!r}: {mask.NAME!r} takes detectron2's norms "
+            f"only; for EvalNorm in the mask head use MODEL.ROI_MASK_HEAD.NAME "
+            f"{EVALNORM_MASK_HEAD!r}, normalized by MODEL.EVALNORM.ROI_HEAD_NORM"
+        )
+    # evalnorm_det.data.digits stores masks as RLE, which detectron2 reads as bitmasks only.
+    rle = [name for name in cfg.DATASETS.TRAIN if name.startswith("evalnorm_digits")]
+    if rle and cfg.INPUT.MASK_FORMAT != "bitmask":
+        raise ValueError(
+            f"INPUT.MASK_FORMAT={cfg.INPUT.MASK_FORMAT!r}: the masks of {rle[0]!r} are COCO RLE, "
+            "which detectron2 reads only as 'bitmask'"
+        )
 
 
 def _check_microbatch(cfg):

@@ -105,6 +105,29 @@ def tiny_cfg(tmp_path, *overrides, config="demo/evalnorm_digits_2img.yaml"):
     return cfg
 
 
+def rescue_overrides(tmp, checkpoint, model=(), extra=()):
+    """KEY VALUE overrides to evaluate or rescue ``checkpoint`` with a config shrunk by
+    ``tiny_overrides`` and ``model`` (overrides of the architecture): the tiny digits registered
+    under ``tmp`` for training and test, output under ``tmp``, B = 2 images given explicitly;
+    then ``extra``."""
+    register_tiny_digits(tmp / "datasets")
+    return [
+        *tiny_overrides(),
+        *model,
+        "MODEL.WEIGHTS",
+        str(checkpoint),
+        "DATASETS.TRAIN",
+        "('tiny_digits_train',)",
+        "DATASETS.TEST",
+        "('tiny_digits_val',)",
+        "OUTPUT_DIR",
+        str(tmp / "output"),
+        "MODEL.EVALNORM.NORM_BATCH_SIZE",
+        "2",
+        *extra,
+    ]
+
+
 # The paper's configs at the demo's scale: from scratch, on CPU, 2 images per GPU, a ResNet-50
 # at 1/8 of its width (1/4 in the stem).
 SMALL_RESNET = [
@@ -136,6 +159,19 @@ FPN_AS_DEMO = [
     "10",
     "INPUT.RANDOM_FLIP",
     "none",
+]
+
+
+# detectron2's own R50-FPN with plain BN in its ResNet and its 4conv1fc box head.
+D2_BN_FPN = [
+    "MODEL.BACKBONE.NAME",
+    "build_resnet_fpn_backbone",
+    "MODEL.RESNETS.NORM",
+    "BN",
+    "MODEL.ROI_BOX_HEAD.NAME",
+    "FastRCNNConvFCHead",
+    "MODEL.ROI_BOX_HEAD.NORM",
+    "BN",
 ]
 
 

@@ -11,7 +11,8 @@ Nothing is downloaded: the images are generated on first use under
     evalnorm_digits/annotations/{train,val}.json
     evalnorm_digits/info.json
 
-Digit d has COCO category id d + 1 and class name "d". Train and val paste disjoint digit samples
+Digit d has COCO category id d + 1 and class name "d". Each annotation has the digit's box and,
+as "segmentation", its own pixels as COCO RLE (read them with ``INPUT.MASK_FORMAT "bitmask"``). Train and val paste disjoint digit samples
 (the even and the odd indices of ``load_digits``). ``register_digits`` registers them in detectron2
 as ``evalnorm_digits_train`` and ``evalnorm_digits_val``. ``write_coco2014_layout`` writes a tiny
 stand-in for COCO 2014 from the same generator, to exercise detectron2's builtin ``coco_2014_*``
@@ -31,11 +32,12 @@ from typing import NamedTuple
 
 import cv2
 import numpy as np
+import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-VERSION = 3
+VERSION = 4  # 4: instance masks (RLE) in the annotations
 DATASET_DIR = "evalnorm_digits"
 SPLITS = ("train", "val")
 CLASSES = [str(d) for d in range(10)]
@@ -217,7 +219,9 @@ def _write_split(
     renders: Iterable[Rendered], image_dir: str, file_name: str, first_image_id: int
 ) -> tuple[list[dict], list[dict]]:
     """Saves ``renders`` as PNG in ``image_dir``, named ``file_name.format(image_id)``, and
-    returns their COCO "images" and "annotations" (ids from ``first_image_id`` and 1)."""
+    returns their COCO "images" and "annotations" (ids from ``first_image_id`` and 1). Each
+    annotation's "segmentation" is the digit's own pixels as RLE (``mask_rle``); its "area"
+    stays the box's, as in the box-only versions, so box evaluation is unchanged."""
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
     for image_id, r in enumerate(renders, first_image_id):
@@ -226,7 +230,7 @@ def _write_split(
             raise OSError(f"cannot write {os.path.join(image_dir, name)}")
         height, width = r.image.shape[:2]
         images.append({"id": image_id, "file_name": name, "height": height, "width": width})
-        for (x, y, w, h), label in zip(r.boxes.tolist(), r.labels.tolist()):
+        for (x, y, w, h), label, mask in zip(r.boxes.tolist(), r.labels.tolist(), r.masks):
             annotations.append(
                 {
                     "id": len(annotations) + 1,
@@ -235,9 +239,16 @@ def _write_split(
                     "bbox": [x, y, w, h],
                     "area": w * h,
                     "iscrowd": 0,
+                    "segmentation": mask_rle(mask),
                 }
             )
     return images, annotations
+
+
+def mask_rle(mask: np.ndarray) -> dict:
+    """COCO's compressed RLE of an (H, W) bool mask: {"size": [H, W], "counts": str}."""
+    rle = mask_util.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(n) for n in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def _write_json(path: str, images: list, annotations: list, categories: list) -> None:

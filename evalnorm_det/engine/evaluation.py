@@ -20,13 +20,17 @@ __all__ = [
     "format_table",
     "precise_statistics",
     "row_evaluation",
+    "table_columns",
     "table_rows",
+    "table_tasks",
     "write_tables",
 ]
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("AP", "AP50", "AP75")
+# COCO's tasks as the table's columns name them.
+TASK_NAMES = {"bbox": "box", "segm": "mask"}
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 # The EvalNorm2d mode each row evaluates in, where it is not the row's own name.
 LAYER_MODES = {
@@ -174,11 +178,31 @@ def evaluate_rows(model, rows, evaluate, **kwargs):
     return results
 
 
-def table_rows(results, task="bbox"):
-    """[(label, [AP, AP50, AP75])] for ``{row: {task: {metric: value}}}``, with an
-    ``EN - EMA`` row after EN when both rows are present."""
+def table_tasks(results):
+    """The COCO tasks the table reports for ``{row: {task: {metric: value}}}``: ("bbox",), and
+    "segm" after it when a row has mask results (the model predicts masks)."""
+    has_masks = any("segm" in r for r in results.values())
+    return ("bbox", "segm") if has_masks else ("bbox",)
+
+
+def table_columns(tasks):
+    """Column names: ``METRICS`` for box AP alone, else each metric named after its task
+    ("box AP", ..., "mask AP75")."""
+    if tuple(tasks) == ("bbox",):
+        return list(METRICS)
+    return [f"{TASK_NAMES[t]} {m}" for t in tasks for m in METRICS]
+
+
+def table_rows(results, tasks=None):
+    """[(label, values)] for ``{row: {task: {metric: value}}}``: AP, AP50, AP75 of each of
+    ``tasks`` (default ``table_tasks(results)``) in turn, with an ``EN - EMA`` row after EN
+    when both rows are present."""
+    tasks = table_tasks(results) if tasks is None else tasks
     rows = [
-        (TABLE_ROWS.get(row, row), [r.get(task, {}).get(m, math.nan) for m in METRICS])
+        (
+            TABLE_ROWS.get(row, row),
+            [r.get(task, {}).get(m, math.nan) for task in tasks for m in METRICS],
+        )
         for row, r in results.items()
     ]
     if "en" in results and "ema" in results:
@@ -187,29 +211,35 @@ def table_rows(results, task="bbox"):
     return rows
 
 
-def format_table(results, title, task="bbox"):
+def format_table(results, title, tasks=None):
     """The table as text, in the layout of the paper's Table 2: one line per row with AP, AP50,
-    AP75 (COCO, in %), and ``EN - EMA``."""
-    rows = table_rows(results, task)
+    AP75 (COCO, in %) of each task (box, then mask when the model predicts masks; see
+    ``table_rows``), and ``EN - EMA``."""
+    tasks = table_tasks(results) if tasks is None else tasks
+    rows = table_rows(results, tasks)
+    columns = table_columns(tasks)
+    cell = max(9, *(len(c) + 2 for c in columns))
     width = max(len(label) for label, _ in rows)
-    lines = [title, f"{'':<{width}}" + "".join(f"{m:>9}" for m in METRICS)]
+    lines = [title, f"{'':<{width}}" + "".join(f"{c:>{cell}}" for c in columns)]
     for label, values in rows:
         sign = "+" if label == "EN - EMA" else ""
-        lines.append(f"{label:<{width}}" + "".join(f"{v:>{sign}9.2f}" for v in values))
+        lines.append(f"{label:<{width}}" + "".join(f"{v:>{sign}{cell}.2f}" for v in values))
     return "\n".join(lines)
 
 
-def write_tables(results, title, prefix, task="bbox"):
+def write_tables(results, title, prefix, tasks=None):
     """The table as ``prefix.txt`` (as printed), ``prefix.csv`` and ``prefix.md``."""
-    rows = table_rows(results, task)
+    tasks = table_tasks(results) if tasks is None else tasks
+    rows = table_rows(results, tasks)
+    columns = table_columns(tasks)
     with open(prefix + ".txt", "w") as f:
-        f.write(format_table(results, title, task) + "\n")
+        f.write(format_table(results, title, tasks) + "\n")
     with open(prefix + ".csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["mode", *METRICS])
+        writer.writerow(["mode", *columns])
         writer.writerows([label, *(f"{v:.4f}" for v in values)] for label, values in rows)
     with open(prefix + ".md", "w") as f:
-        f.write(f"{title}\n\n| mode | {' | '.join(METRICS)} |\n|---|" + "---:|" * len(METRICS))
+        f.write(f"{title}\n\n| mode | {' | '.join(columns)} |\n|---|" + "---:|" * len(columns))
         for label, values in rows:
             sign = "+" if label == "EN - EMA" else ""
             f.write(f"\n| {label} | " + " | ".join(f"{v:{sign}.2f}" for v in values) + " |")

@@ -42,7 +42,7 @@ def build_evalnorm_model(cfg, batch_sizes, model=None):
     if count:
         logger.info(
             "Converted %d BatchNorm layers to EvalNorm2d (B = %d images per GPU, %d ROIs per GPU "
-            "in the ROI heads)",
+            "in the ROI heads, %d foreground ROIs per GPU in the mask head)",
             count,
             *batch_sizes,
         )
@@ -70,11 +70,14 @@ def load_evalnorm_model(cfg, batch_sizes):
 
 def rescue_metadata(cfg, batch_sizes, coefficients, **extra):
     """What a rescued checkpoint records under "evalnorm": where alpha/beta come from and the
-    B (``batch_sizes``) they are for."""
+    B (``batch_sizes``) they are for (the mask head's with ``MODEL.MASK_ON``)."""
+    norm_batch_size = {"images_per_gpu": batch_sizes.images, "rois_per_gpu": batch_sizes.rois}
+    if cfg.MODEL.MASK_ON:
+        norm_batch_size["fg_rois_per_gpu"] = batch_sizes.fg_rois
     return {
         "coefficients": coefficients,
         "source": cfg.MODEL.WEIGHTS,
-        "norm_batch_size": {"images_per_gpu": batch_sizes.images, "rois_per_gpu": batch_sizes.rois},
+        "norm_batch_size": norm_batch_size,
         **extra,
     }
 

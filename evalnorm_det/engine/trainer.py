@@ -35,7 +35,7 @@ from ..utils.nonfinite import NonFiniteCheckHook
 from ..utils.preflight import naming_missing_data
 from ..utils.resume import ResumeStateHook, resumable_train_loader
 from .checkpoint import EvalNormCheckpointer
-from .evaluation import evaluate_rows, format_table, write_tables
+from .evaluation import evaluate_rows, format_table, table_tasks, write_tables
 from .hooks import OnlineEstimationHook
 from .rescue import estimate_offline_from_config, training_batches
 
@@ -69,8 +69,8 @@ class Trainer(DefaultTrainer):
     - ``--resume`` continues as if never interrupted (:class:`ResumeStateHook`): checkpoints
       hold every rank's torch/NumPy/Python random state and the sampler's seed, and the
       training sampler skips the images the checkpointed iterations used;
-    - ``test`` evaluates every row of ``TEST.EVALNORM_ROWS`` with COCO AP and writes the
-      table to ``OUTPUT_DIR/evalnorm_table.{txt,csv,md}`` and ``evalnorm_results.json``.
+    - ``test`` evaluates every row of ``TEST.EVALNORM_ROWS`` with COCO AP (box, and mask when
+      the model predicts masks) and writes the table to ``OUTPUT_DIR/evalnorm_table.{txt,csv,md}`` and ``evalnorm_results.json``.
     """
 
     def __init__(self, cfg):
@@ -181,8 +181,10 @@ class Trainer(DefaultTrainer):
             for row, res in per_row.items():
                 results.setdefault(row, {})[dataset_name] = res
             if comm.is_main_process():
+                what = " and mask" if "segm" in table_tasks(per_row) else ""
                 title = (
-                    f"{dataset_name}: COCO box AP (%), {images_per_gpu} images per GPU in training"
+                    f"{dataset_name}: COCO box{what} AP (%), {images_per_gpu} images per GPU in "
+                    "training"
                 )
                 cls._save_table(cfg, dataset_name, title, per_row)
         if len(cfg.DATASETS.TEST) == 1:

@@ -1,5 +1,5 @@
 """detectron2 components, registered on import: the C4 and FPN backbones, the Res5 ROI heads,
-the conv+fc box head, and RetinaNet with EvalNorm in its head."""
+the conv+fc box head, the mask head, and RetinaNet with EvalNorm in its head."""
 
 from .backbone import (
     build_evalnorm_resnet,
@@ -10,10 +10,12 @@ from .backbone import (
     resnet_stage,
 )
 from .box_head import EvalNormConvFCHead
+from .mask_head import EvalNormConvUpsampleHead
 from .norms import (
     convert_norms,
     evalnorm_norm,
     freeze_norms,
+    in_mask_head,
     in_roi_heads,
     norm_factory,
     reset_norms,
@@ -24,6 +26,7 @@ from .roi_heads import EvalNormRes5ROIHeads, evalnorm_res5
 __all__ = [
     "CycleEvalNormList",
     "EvalNormConvFCHead",
+    "EvalNormConvUpsampleHead",
     "EvalNormRes5ROIHeads",
     "EvalNormRetinaNet",
     "EvalNormRetinaNetHead",
@@ -36,6 +39,7 @@ __all__ = [
     "evalnorm_res5",
     "evalnorm_resnet",
     "freeze_norms",
+    "in_mask_head",
     "in_roi_heads",
     "norm_factory",
     "reset_norms",

@@ -14,6 +14,7 @@ __all__ = [
     "convert_norms",
     "evalnorm_norm",
     "freeze_norms",
+    "in_mask_head",
     "in_roi_heads",
     "norm_factory",
     "reset_norms",
@@ -101,31 +102,42 @@ def in_roi_heads(name):
     return "roi_heads" in name.split(".")
 
 
+def in_mask_head(name):
+    """Whether the module called ``name`` in a GeneralizedRCNN belongs to a mask head of its ROI
+    heads, whose norms pool the foreground ROIs."""
+    parts = name.split(".")
+    return "roi_heads" in parts and "mask_head" in parts[parts.index("roi_heads") :]
+
+
 def convert_norms(cfg, model, batch_sizes):
     """Make every BatchNorm-type layer of a built detectron2 model that is not EvalNorm yet an
     ``EvalNorm2d`` (``FrozenBatchNorm2d``: a frozen one), keeping weights and statistics: a BN
     model becomes one that evaluates in every EvalNorm mode, and in "ema" exactly as before.
 
     B is that of the layer's place in training, from ``batch_sizes`` (``NormBatchSizes``):
-    sampled ROIs per GPU in the ROI heads, images per GPU elsewhere. A ``CycleBatchNormList``
-    (per-level BN of a RetinaNet head) becomes a ``CycleEvalNormList``. alpha/beta start from
-    ``MODEL.EVALNORM.INIT``, the evaluation mode is ``MODEL.EVALNORM.EVAL_MODE``. In place;
-    returns the number converted.
+    foreground ROIs per GPU in the mask heads, sampled ROIs per GPU in the rest of the ROI
+    heads, images per GPU elsewhere. A ``CycleBatchNormList`` (per-level BN of a RetinaNet
+    head) becomes a ``CycleEvalNormList``. alpha/beta start from ``MODEL.EVALNORM.INIT``, the
+    evaluation mode is ``MODEL.EVALNORM.EVAL_MODE``. In place; returns the number converted.
     """
     from .retinanet import CycleEvalNormList  # it builds on this module
 
-    images, rois = batch_sizes
     existing = {id(m) for m in model.modules() if isinstance(m, EvalNorm2d)}
     # Per-level BatchNorm (a RetinaNet head's CycleBatchNormList) becomes per-level EvalNorm.
     replace_modules(
         model,
         lambda m: isinstance(m, CycleBatchNormList) and not isinstance(m[0], EvalNorm2d),
-        lambda m, name: CycleEvalNormList.from_batchnorm(m, images),
+        lambda m, name: CycleEvalNormList.from_batchnorm(m, batch_sizes.images),
     )
-    heads = [(name, m) for name, m in model.named_children() if in_roi_heads(name)]
-    for name, head in heads:
-        setattr(model, name, convert_to_evalnorm(head, rois, init="ema"))
-    convert_to_evalnorm(model, images, init="ema")
+    # Innermost places first: each conversion leaves the layers it made to the outer ones.
+    places = [(in_mask_head, batch_sizes.fg_rois), (in_roi_heads, batch_sizes.rois)]
+    for belongs, b in places:
+        for name, m in list(model.named_modules()):
+            parent, _, child = name.rpartition(".")
+            if child and belongs(name) and not belongs(parent):
+                owner = model.get_submodule(parent)
+                setattr(owner, child, convert_to_evalnorm(m, b, init="ema"))
+    convert_to_evalnorm(model, batch_sizes.images, init="ema")
     converted = [m for m in model.modules() if isinstance(m, EvalNorm2d) and id(m) not in existing]
     for m in converted:
         _configure_from(cfg, m)

@@ -35,6 +35,31 @@ def test_zero_samples_match_batchnorm_counter():
     assert en.num_batches_tracked.item() == bn.num_batches_tracked.item()
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_varying_batch_sizes_train_as_batchnorm(momentum):
+    """A mask head's batch: the foreground ROIs, a different number each iteration, 0 and 1
+    included. Outputs, gradients and running statistics are BatchNorm2d's; an empty batch leaves
+    no auxiliary gradient, the others a finite one."""
+    en = randomize_batchnorm(EvalNorm2d(4, momentum=momentum, norm_batch_size=16))
+    bn = randomize_batchnorm(nn.BatchNorm2d(4, momentum=momentum))
+    en.estimate_online = True
+    g = torch.Generator().manual_seed(0)
+    for n in (3, 0, 1, 0, 5, 1):
+        x = (torch.randn(n, 4, 6, 6, generator=g) * 2 + 1).requires_grad_()
+        x_bn = x.detach().clone().requires_grad_()
+        y, y_bn = en(x), bn(x_bn)
+        torch.testing.assert_close(y, y_bn, rtol=0, atol=0)
+        (y * torch.arange(1.0, 5.0)[:, None, None]).sum().backward()
+        (y_bn * torch.arange(1.0, 5.0)[:, None, None]).sum().backward()
+        torch.testing.assert_close(x.grad, x_bn.grad, rtol=0, atol=0)
+        for k in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(en, k), getattr(bn, k)), (n, k)
+        assert torch.isfinite(en.running_var).all() and torch.isfinite(en.running_mean).all()
+        grad = en.take_aux_grad()
+        assert (grad is None) == (n == 0), n
+        assert grad is None or torch.isfinite(grad).all()
+
+
 def test_one_by_one_maps():
     en = randomize_batchnorm(EvalNorm2d(4, norm_batch_size=2))
     en.estimate_online = True

@@ -77,7 +77,7 @@ def test_regime_promises(name):
     n = images_per_gpu(name)
     regime = Path(name).name[0] if name.startswith("regimes/") else "d"
     # The paper's protocol: N images per GPU on 8 GPUs, 64 ROIs per image.
-    assert norm_batch_sizes(cfg, world_size=8) == (n, 64 * n)
+    assert norm_batch_sizes(cfg, world_size=8) == (n, 64 * n, 16 * n)
     assert cfg.SOLVER.BASE_LR == pytest.approx(0.015 * n / 8)
     assert cfg.SOLVER.MAX_ITER == 64 * 117266 // (8 * n)
     assert cfg.DATASETS.TEST == ("coco_2014_minival",)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from detection_helpers import en_layers, norm_types, tiny_fpn_cfg, train
+from detection_helpers import D2_BN_FPN, en_layers, norm_types, tiny_fpn_cfg, train
 from detectron2.evaluation.evaluator import inference_context
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
@@ -64,19 +64,7 @@ def test_backbone_and_head_norms_are_chosen_separately(
 def test_same_names_and_shapes_as_detectron2_fpn(tmp_path):
     """A checkpoint of detectron2's own R50-FPN with BN (4conv1fc head) loads, and back."""
     ours = build_model(tiny_fpn_cfg(tmp_path))
-    theirs = build_model(
-        tiny_fpn_cfg(
-            tmp_path,
-            "MODEL.BACKBONE.NAME",
-            "build_resnet_fpn_backbone",
-            "MODEL.RESNETS.NORM",
-            "BN",
-            "MODEL.ROI_BOX_HEAD.NAME",
-            "FastRCNNConvFCHead",
-            "MODEL.ROI_BOX_HEAD.NORM",
-            "BN",
-        )
-    )
+    theirs = build_model(tiny_fpn_cfg(tmp_path, *D2_BN_FPN))
     assert not any(isinstance(m, EvalNorm2d) for m in theirs.modules())
     shapes = {k: v.shape for k, v in ours.state_dict().items() if not k.endswith("_logit")}
     assert shapes == {k: v.shape for k, v in theirs.state_dict().items()}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from detection_helpers import en_layers, register_tiny_digits, tiny_cfg, tiny_overrides, train
+from detection_helpers import en_layers, rescue_overrides, tiny_cfg, train
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from helpers import ROOT, class_images, import_tool, randomize_batchnorm, small_cnn
@@ -65,22 +65,7 @@ def bn_checkpoint(tmp_path_factory):
 def rescue_opts(tmp, checkpoint, *extra):
     """KEY VALUE overrides of the demo config for the BN model: tiny, its checkpoint, the tiny
     digits registered under ``tmp``, B given explicitly."""
-    register_tiny_digits(tmp / "datasets")
-    return [
-        *tiny_overrides(),
-        *BN_NORMS,
-        "MODEL.WEIGHTS",
-        str(checkpoint),
-        "DATASETS.TRAIN",
-        "('tiny_digits_train',)",
-        "DATASETS.TEST",
-        "('tiny_digits_val',)",
-        "OUTPUT_DIR",
-        str(tmp / "output"),
-        "MODEL.EVALNORM.NORM_BATCH_SIZE",
-        "2",
-        *extra,
-    ]
+    return rescue_overrides(tmp, checkpoint, BN_NORMS, extra)
 
 
 def rescue_cfg(tmp, checkpoint, *extra):
@@ -415,7 +400,7 @@ def test_norm_batch_size_is_checked_in_training_and_used_in_evaluation(tmp_path)
         check_evalnorm_config(cfg, world_size=1)
     check_evalnorm_config(cfg, world_size=4)  # 8 images on 4 GPUs: 2 each
     check_evalnorm_config(cfg, world_size=3, training=False)  # B is given: any GPU count
-    assert norm_batch_sizes(cfg, world_size=3) == (2, 16)
+    assert norm_batch_sizes(cfg, world_size=3) == (2, 16, 4)
     with pytest.raises(ValueError, match="MODEL.EVALNORM.OFFLINE.PATIENCE=-1"):
         check_evalnorm_config(tiny_cfg(tmp_path, "MODEL.EVALNORM.OFFLINE.PATIENCE", "-1"), 1)
     with pytest.raises(ValueError, match="TEST.EVALNORM_ROWS entry='precise'"):
