@@ -26,6 +26,19 @@ LEVELS = 5
 SHAPES = [(2, 32, s, s) for s in (16, 8, 4, 2, 1)]  # p3-p7 of 128 px images, 32 channels
 
 
+# detectron2's own RetinaNet with BN: per-level statistics in the head (CycleBatchNormList).
+D2_BN_RETINANET = (
+    "MODEL.META_ARCHITECTURE",
+    "RetinaNet",
+    "MODEL.BACKBONE.NAME",
+    "build_retinanet_resnet_fpn_backbone",
+    "MODEL.RESNETS.NORM",
+    "BN",
+    "MODEL.RETINANET.NORM",
+    "BN",
+)
+
+
 def rn_cfg(tmp_path, *overrides):
     return tiny_cfg(tmp_path, *overrides, config=DEMO)
 
@@ -71,19 +84,7 @@ def test_head_norm_follows_the_keys(tmp_path, norm, stats, expected):
 def test_same_names_as_detectron2_retinanet(tmp_path):
     """A detectron2 RetinaNet with BN (per-level head) has our model's names, less alpha/beta."""
     ours = build_model(rn_cfg(tmp_path))
-    theirs = build_model(
-        rn_cfg(
-            tmp_path,
-            "MODEL.META_ARCHITECTURE",
-            "RetinaNet",
-            "MODEL.BACKBONE.NAME",
-            "build_retinanet_resnet_fpn_backbone",
-            "MODEL.RESNETS.NORM",
-            "BN",
-            "MODEL.RETINANET.NORM",
-            "BN",
-        )
-    )
+    theirs = build_model(rn_cfg(tmp_path, *D2_BN_RETINANET))
     ours_keys = {k for k in ours.state_dict() if not k.endswith(("alpha_logit", "beta_logit"))}
     assert ours_keys == set(theirs.state_dict())
     for k, v in theirs.state_dict().items():
@@ -214,17 +215,7 @@ def test_trained_variants_evaluate_in_every_row(trained, tmp_path):
 def test_bn_retinanet_is_rescued_with_per_level_statistics(tmp_path):
     """detectron2's BN RetinaNet (per-level head) becomes per-level EN keeping its statistics:
     in "ema" it evaluates as before."""
-    cfg = rn_cfg(
-        tmp_path,
-        "MODEL.META_ARCHITECTURE",
-        "RetinaNet",
-        "MODEL.BACKBONE.NAME",
-        "build_retinanet_resnet_fpn_backbone",
-        "MODEL.RESNETS.NORM",
-        "BN",
-        "MODEL.RETINANET.NORM",
-        "BN",
-    )
+    cfg = rn_cfg(tmp_path, *D2_BN_RETINANET)
     bn = randomize_batchnorm(build_model(cfg))
     for m in bn.modules():
         if isinstance(m, CycleBatchNormList):
