@@ -2,6 +2,8 @@
 tools/lazyconfig_train_net.py trains, evaluates and refuses bad keys before launching."""
 
 import importlib.util
+import json
+import math
 import os
 
 import pytest
@@ -195,6 +197,9 @@ def test_retinanet_head_norm_follows_the_evalnorm_key_as_in_yacs(norm, stats):
     derived = lazy_to_cfg(lazy, world_size=1)
     assert derived.MODEL.RETINANET.NORM == norm
     assert derived.MODEL.EVALNORM.RETINANET_HEAD_STATS == stats
+    lazy.model.head.norm.head_stats = "per_image"
+    with pytest.raises(ValueError, match="head_stats='per_image'"):
+        instantiate(lazy.model.head.norm)
 
 
 @pytest.mark.parametrize(
@@ -274,29 +279,47 @@ def load_tool():
     return tool
 
 
-def tool_args(tool, *argv):
+def tool_args(tool, *argv, config="demo/evalnorm_digits_2img.py"):
     from evalnorm_det.engine import argument_parser, parse_args
 
-    return parse_args(argument_parser(), ["--config", "demo/evalnorm_digits_2img.py", *argv])
+    return parse_args(argument_parser(), ["--config", config, *argv])
 
 
 def test_entry_point_refuses_before_launch(monkeypatch):
     tool = load_tool()
     launched = []
     monkeypatch.setattr("evalnorm_det.engine.defaults.launch", lambda *a, **k: launched.append(a))
-    for bad, error in (
-        ("evalnorm.MODEL.EVALNORM.ONLINE.LR=-1", ValueError),
-        ("evalnorm.MODEL.EVALNORM.ONLNE.LR=1", KeyError),
-        ("train.max_itr=2", KeyError),
+    for demo, bad, error in (
+        ("demo/evalnorm_digits_2img", "evalnorm.MODEL.EVALNORM.ONLINE.LR=-1", ValueError),
+        ("demo/evalnorm_digits_2img", "evalnorm.MODEL.EVALNORM.ONLNE.LR=1", KeyError),
+        ("demo/evalnorm_digits_2img", "train.max_itr=2", KeyError),
+        (MASK_DEMO, "model.roi_heads.mask_head.input_shape.chanels=8", KeyError),
+        (RETINANET_DEMO, "evalnorm.MODEL.EVALNORM.RETINANET_HEAD_STATS=per_image", ValueError),
     ):
         with pytest.raises(error, match=bad.split("=")[0].replace(".", r"\.")):
-            launch_checked(tool.main, tool_args(tool, bad), lazy_run_config)
+            launch_checked(tool.main, tool_args(tool, bad, config=f"{demo}.py"), lazy_run_config)
     assert not launched
-    launch_checked(tool.main, tool_args(tool), lazy_run_config)
-    assert len(launched) == 1
+    for demo in ("demo/evalnorm_digits_2img", MASK_DEMO, RETINANET_DEMO):
+        launch_checked(tool.main, tool_args(tool, config=f"{demo}.py"), lazy_run_config)
+    assert len(launched) == 3
 
 
-def test_train_two_iterations_then_eval_only(tmp_path):
+# Overrides that keep every detection of a demo's model (none is above 0.05 after 2 iterations).
+KEEP_ALL = {
+    MASK_DEMO: "model.roi_heads.box_predictor.test_score_thresh=0.0",
+    RETINANET_DEMO: "model.test_score_thresh=0.0",
+}
+
+
+@pytest.mark.parametrize(
+    "demo, first_norm, mask",
+    [
+        ("demo/evalnorm_digits_2img", "backbone.stem.conv1.norm", False),
+        (MASK_DEMO, "backbone.stem.conv1.norm", True),
+        (RETINANET_DEMO, "backbone.bottom_up.stem.conv1.norm", False),
+    ],
+)
+def test_train_two_iterations_then_eval_only(tmp_path, demo, first_norm, mask):
     register_tiny_digits(tmp_path / "datasets")
     tool = load_tool()
     out = tmp_path / "output"
@@ -310,11 +333,16 @@ def test_train_two_iterations_then_eval_only(tmp_path):
         "evalnorm.MODEL.EVALNORM.ONLINE.LOG_PERIOD=1",
         f"train.output_dir={out}",
     ]
-    tool.main(tool_args(tool, *small))
+    if demo in KEEP_ALL:  # every detection kept: boxes and masks to score after 2 iterations
+        small.append(KEEP_ALL[demo])
+    config = f"{demo}.py"
+    tool.main(tool_args(tool, *small, config=config))
     assert (out / "model_final.pth").is_file() and (out / "model_0000000.pth").is_file()
     assert (out / "config.yaml").is_file()
-    rows = [line[:8].strip() for line in (out / "evalnorm_table.txt").read_text().splitlines()]
+    table = (out / "evalnorm_table.txt").read_text()
+    rows = [line[:8].strip() for line in table.splitlines()]
     assert rows[2:] == ["EMA", "EN", "EN - EMA", "1/B^2"]
+    assert ("mask AP75" in table) == mask
     checkpoint = torch.load(out / "model_final.pth", weights_only=False)
     assert "OnlineEstimationHook" in str(checkpoint["trainer"]["hooks"])
     # alpha/beta moved from their initial 1/B^2 in training: the online estimation ran.
@@ -322,14 +350,21 @@ def test_train_two_iterations_then_eval_only(tmp_path):
     start = torch.logit(torch.tensor(1 / 4.0))
     assert logits and any(not torch.allclose(v, start) for v in logits)
     metrics = (out / "metrics.json").read_text()
-    assert "evalnorm_alpha/backbone.stem.conv1.norm" in metrics
+    assert f"evalnorm_alpha/{first_norm}" in metrics
 
     os.remove(out / "evalnorm_table.txt")
     rows_override = "evalnorm.TEST.EVALNORM_ROWS=[ema,simple]"
     weights = f"train.init_checkpoint={out / 'model_final.pth'}"
-    tool.main(tool_args(tool, "--eval-only", *small, weights, rows_override))
-    rows = [line[:8].strip() for line in (out / "evalnorm_table.txt").read_text().splitlines()]
-    assert rows[2:] == ["EMA", "1/B"]
+    tool.main(tool_args(tool, "--eval-only", *small, weights, rows_override, config=config))
+    table = (out / "evalnorm_table.txt").read_text()
+    assert [line[:8].strip() for line in table.splitlines()][2:] == ["EMA", "1/B"]
+    assert ("mask AP75" in table) == mask
+    results = json.loads((out / "evalnorm_results.json").read_text())
+    tasks = {"bbox", "segm"} if mask else {"bbox"}
+    assert all(set(r) == tasks for r in results.values())
+    if demo in KEEP_ALL:
+        aps = [t[m] for r in results.values() for t in r.values() for m in ("AP", "AP50", "AP75")]
+        assert aps and all(math.isfinite(v) for v in aps)
 
 
 def test_yacs_settings_round_trip():
