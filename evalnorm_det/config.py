@@ -18,6 +18,7 @@ __all__ = [
     "add_evalnorm_config",
     "check_evalnorm_config",
     "configured_rows",
+    "fg_rois_per_image",
     "images_per_process",
     "norm_batch_sizes",
     "positives_per_image",
@@ -190,9 +191,16 @@ def norm_batch_sizes(cfg, world_size=None):
     """
     images = cfg.MODEL.EVALNORM.NORM_BATCH_SIZE or images_per_process(cfg, world_size)
     heads = cfg.MODEL.ROI_HEADS
-    return NormBatchSizes(
-        images, images * heads.BATCH_SIZE_PER_IMAGE, images * max(1, positives_per_image(cfg))
-    )
+    fg_rois = fg_rois_per_image(heads.BATCH_SIZE_PER_IMAGE, heads.POSITIVE_FRACTION)
+    return NormBatchSizes(images, images * heads.BATCH_SIZE_PER_IMAGE, images * fg_rois)
+
+
+def fg_rois_per_image(batch_size_per_image, positive_fraction):
+    """Samples each image adds to the mask head's normalization batch: the ROI heads' sampler's
+    cap of foreground ROIs per image (:func:`positives_per_image`), at least 1. The mask head's
+    B is images per GPU times this, in yacs configs (:func:`norm_batch_sizes`) and LazyConfigs
+    (``evalnorm_det.lazy.fg_rois_per_image_node``) alike."""
+    return max(1, int(batch_size_per_image * positive_fraction))
 
 
 def positives_per_image(cfg):

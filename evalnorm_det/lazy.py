@@ -20,14 +20,16 @@ from detectron2.utils.registry import locate
 from fvcore.common.param_scheduler import CosineParamScheduler
 from omegaconf import DictConfig, OmegaConf
 
-from .config import add_evalnorm_config, check_evalnorm_config
-from .modeling import evalnorm_norm
+from .config import add_evalnorm_config, check_evalnorm_config, fg_rois_per_image
+from .modeling import evalnorm_norm, evalnorm_retinanet_norm
 
 __all__ = [
     "LAZY_KEYS",
     "check_override_keys",
     "evalnorm_defaults",
     "evalnorm_norm_node",
+    "evalnorm_retinanet_norm_node",
+    "fg_rois_per_image_node",
     "lazy_to_cfg",
     "load_lazy_config",
     "warmup_cosine",
@@ -49,6 +51,31 @@ LAZY_KEYS = {
     "DATASETS.TRAIN": "dataloader.train.dataset.names",
     "DATASETS.TEST": "dataloader.test.dataset.names",
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": "model.roi_heads.batch_size_per_image",
+    "MODEL.ROI_HEADS.POSITIVE_FRACTION": "model.roi_heads.positive_fraction",
+    "INPUT.MASK_FORMAT": "dataloader.train.mapper.instance_mask_format",
+    # Read from the model's nodes as _FROM_NODE says.
+    "MODEL.META_ARCHITECTURE": "model._target_",
+    "MODEL.MASK_ON": "model.roi_heads.mask_head",
+    "MODEL.RETINANET.NORM": "model.head.norm",
+}
+
+
+def _target_name(target):
+    """A node's ``_target_`` (a callable or its dotted name) as the registries name it."""
+    return (locate(target) if isinstance(target, str) else target).__name__
+
+
+def _norm_name(norm):
+    """The name of a norm argument: the name itself, or the ``norm`` of the node making it."""
+    return norm.get("norm", "") if isinstance(norm, DictConfig) else norm
+
+
+# The yacs value of the LAZY_KEYS read from a model's nodes: the model's class (as the registry
+# names it), whether its ROI heads have a mask head, the name of RetinaNet's head norm.
+_FROM_NODE = {
+    "MODEL.META_ARCHITECTURE": _target_name,
+    "MODEL.MASK_ON": lambda mask_head: mask_head is not None,
+    "MODEL.RETINANET.NORM": _norm_name,
 }
 
 # The parts of add_evalnorm_config's keys that the ``evalnorm`` node mirrors (INPUT.SQUARE_SIZE
@@ -75,21 +102,49 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+_EN = "evalnorm.MODEL.EVALNORM"
+
+
+def _layer_settings():
+    """The layer settings of ``evalnorm_norm``'s keyword arguments, and B of the images, as
+    interpolations of the ``evalnorm`` node."""
+    keys = ("NORM_BATCH_SIZE", "INIT", "INIT_ALPHA", "INIT_BETA", "EVAL_MODE", "FROZEN_EN")
+    return {key.lower(): f"${{{_EN}.{key}}}" for key in keys}
+
+
 def evalnorm_norm_node(place, samples_per_image=1):
     """``LazyCall(evalnorm_norm)`` for the norm ``evalnorm.MODEL.EVALNORM.<place>``
     ("BACKBONE_NORM" or "ROI_HEAD_NORM"), every argument read from the ``evalnorm`` node by
     interpolation: B = ``NORM_BATCH_SIZE`` x ``samples_per_image`` (1 in the backbone; in the
-    ROI heads, ``"${model.roi_heads.batch_size_per_image}"``)."""
-    en = "evalnorm.MODEL.EVALNORM"
+    ROI heads, ``"${model.roi_heads.batch_size_per_image}"``; in a mask head,
+    :func:`fg_rois_per_image_node`)."""
     return L(evalnorm_norm)(
-        norm=f"${{{en}.{place}}}",
-        norm_batch_size=f"${{{en}.NORM_BATCH_SIZE}}",
-        samples_per_image=samples_per_image,
-        init=f"${{{en}.INIT}}",
-        init_alpha=f"${{{en}.INIT_ALPHA}}",
-        init_beta=f"${{{en}.INIT_BETA}}",
-        eval_mode=f"${{{en}.EVAL_MODE}}",
-        frozen_en=f"${{{en}.FROZEN_EN}}",
+        norm=f"${{{_EN}.{place}}}", samples_per_image=samples_per_image, **_layer_settings()
+    )
+
+
+def fg_rois_per_image_node(roi_heads="model.roi_heads"):
+    """``LazyCall(fg_rois_per_image)`` of the ROI heads at ``roi_heads``: the mask head's
+    samples per image (the sampler's cap of foreground ROIs, ``int(batch_size_per_image x
+    positive_fraction)``), read from them by interpolation, for
+    ``evalnorm_norm_node("ROI_HEAD_NORM", fg_rois_per_image_node())``: B as the yacs configs'
+    (``NormBatchSizes.fg_rois``)."""
+    return L(fg_rois_per_image)(
+        batch_size_per_image=f"${{{roi_heads}.batch_size_per_image}}",
+        positive_fraction=f"${{{roi_heads}.positive_fraction}}",
+    )
+
+
+def evalnorm_retinanet_norm_node(norm, num_levels):
+    """``LazyCall(evalnorm_retinanet_norm)``: RetinaNet's head norm ``norm`` (the yacs key
+    ``MODEL.RETINANET.NORM``: "EN", "FrozenEN" or detectron2's names) over ``num_levels`` FPN
+    levels, per-level or shared statistics as ``evalnorm.MODEL.EVALNORM.RETINANET_HEAD_STATS``
+    says, B = ``NORM_BATCH_SIZE`` images, the layers' settings from the ``evalnorm`` node."""
+    return L(evalnorm_retinanet_norm)(
+        norm=norm,
+        num_levels=num_levels,
+        head_stats=f"${{{_EN}.RETINANET_HEAD_STATS}}",
+        **_layer_settings(),
     )
 
 
@@ -152,7 +207,9 @@ def lazy_to_cfg(lazy, world_size=None, training=True):
             value = OmegaConf.select(lazy, lazy_key, default=_MISSING)
             if value is _MISSING:
                 continue
-            if OmegaConf.is_config(value):
+            if key in _FROM_NODE:
+                value = _FROM_NODE[key](value)
+            elif OmegaConf.is_config(value):
                 value = OmegaConf.to_container(value, resolve=True)
             if key.startswith("DATASETS."):
                 value = (value,) if isinstance(value, str) else tuple(value)

@@ -20,7 +20,12 @@ from .norms import (
     norm_factory,
     reset_norms,
 )
-from .retinanet import CycleEvalNormList, EvalNormRetinaNet, EvalNormRetinaNetHead
+from .retinanet import (
+    CycleEvalNormList,
+    EvalNormRetinaNet,
+    EvalNormRetinaNetHead,
+    evalnorm_retinanet_norm,
+)
 from .roi_heads import EvalNormRes5ROIHeads, evalnorm_res5
 
 __all__ = [
@@ -38,6 +43,7 @@ __all__ = [
     "evalnorm_norm",
     "evalnorm_res5",
     "evalnorm_resnet",
+    "evalnorm_retinanet_norm",
     "freeze_norms",
     "in_mask_head",
     "in_roi_heads",

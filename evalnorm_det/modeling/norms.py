@@ -24,17 +24,21 @@ __all__ = [
 def norm_factory(cfg, norm, norm_batch_size, microbatch=False):
     """:func:`evalnorm_norm` set up from ``MODEL.EVALNORM`` (initial alpha/beta, evaluation
     mode, how frozen layers train) for normalization batch size ``norm_batch_size``."""
+    return evalnorm_norm(norm, norm_batch_size, microbatch=microbatch, **layer_settings(cfg))
+
+
+def layer_settings(cfg):
+    """``MODEL.EVALNORM``'s settings of every new EvalNorm layer, as the keyword arguments of
+    :func:`evalnorm_norm` (``init``, ``init_alpha``, ``init_beta``, ``eval_mode``,
+    ``frozen_en``)."""
     en = cfg.MODEL.EVALNORM
-    return evalnorm_norm(
-        norm,
-        norm_batch_size,
-        init=en.INIT,
-        init_alpha=en.INIT_ALPHA,
-        init_beta=en.INIT_BETA,
-        eval_mode=en.EVAL_MODE,
-        frozen_en=en.FROZEN_EN,
-        microbatch=microbatch,
-    )
+    return {
+        "init": en.INIT,
+        "init_alpha": en.INIT_ALPHA,
+        "init_beta": en.INIT_BETA,
+        "eval_mode": en.EVAL_MODE,
+        "frozen_en": en.FROZEN_EN,
+    }
 
 
 def evalnorm_norm(
@@ -55,8 +59,9 @@ def evalnorm_norm(
     Args:
         norm_batch_size (int): images per GPU in training.
         samples_per_image (int): samples each image adds to the layer's normalization batch:
-            1 in the backbone, sampled ROIs per image in the ROI heads. The layer's B is
-            ``norm_batch_size * samples_per_image``.
+            1 in the backbone, sampled ROIs per image in the ROI heads, the sampler's cap of
+            foreground ROIs per image in a mask head (``evalnorm_det.config.fg_rois_per_image``).
+            The layer's B is ``norm_batch_size * samples_per_image``.
         init, init_alpha, init_beta: how alpha/beta start ("rule_of_thumb" 1/B^2, "simple"
             1/B, or "value": ``init_alpha``, ``init_beta``).
         eval_mode (str): the layer's evaluation mode ("en", "ema", ...).

@@ -12,11 +12,17 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
 from evalnorm import EvalNorm2d
 
-from ..config import norm_batch_sizes
+from ..config import RETINANET_HEAD_STATS, norm_batch_sizes
 from ..layers import EVALNORM_NAMES, get_norm
-from .norms import _configure_from, norm_factory
+from .norms import _coefficients, _configure, evalnorm_norm, layer_settings
 
-__all__ = ["CycleEvalNormList", "EvalNormRetinaNet", "EvalNormRetinaNetHead", "retinanet_head_norm"]
+__all__ = [
+    "CycleEvalNormList",
+    "EvalNormRetinaNet",
+    "EvalNormRetinaNetHead",
+    "evalnorm_retinanet_norm",
+    "retinanet_head_norm",
+]
 
 # Norms with running statistics that training updates: the ones a head can keep per level.
 PER_LEVEL_NORMS = ("BN", "SyncBN", *EVALNORM_NAMES)
@@ -74,33 +80,73 @@ class CycleEvalNormList(CycleBatchNormList):
 
 
 def retinanet_head_norm(cfg, num_levels):
-    """What ``RetinaNetHead`` takes as ``norm``, from ``MODEL.RETINANET.NORM`` (detectron2's
-    names, "EN", "FrozenEN") and ``MODEL.EVALNORM.RETINANET_HEAD_STATS``: per level, a
-    ``CycleBatchNormList`` (detectron2's, for BN and SyncBN) or a ``CycleEvalNormList`` of
-    ``num_levels`` layers; shared, one layer of that norm, run at every level. Norms without
-    trained statistics (GN, FrozenBN, "") are shared. B = images per GPU (each level's batch)."""
+    """:func:`evalnorm_retinanet_norm` set up from the config: the norm
+    ``MODEL.RETINANET.NORM``, statistics ``MODEL.EVALNORM.RETINANET_HEAD_STATS``, B = images per
+    GPU, the layers' settings from ``MODEL.EVALNORM``."""
     norm = cfg.MODEL.RETINANET.NORM
-    per_level = cfg.MODEL.EVALNORM.RETINANET_HEAD_STATS == "per_level"
+    # B only for EvalNorm: a BN head needs none (and SOLVER.IMS_PER_BATCH need not split).
+    images_per_gpu = norm_batch_sizes(cfg).images if norm in EVALNORM_NAMES else None
+    return evalnorm_retinanet_norm(
+        norm,
+        num_levels,
+        images_per_gpu,
+        head_stats=cfg.MODEL.EVALNORM.RETINANET_HEAD_STATS,
+        microbatch=cfg.MODEL.EVALNORM.MICROBATCH,
+        **layer_settings(cfg),
+    )
+
+
+def evalnorm_retinanet_norm(
+    norm,
+    num_levels,
+    norm_batch_size,
+    *,
+    head_stats="per_level",
+    init="rule_of_thumb",
+    init_alpha=0.1,
+    init_beta=0.1,
+    eval_mode="en",
+    frozen_en="frozen_target",
+    microbatch=False,
+):
+    """What ``RetinaNetHead`` takes as ``norm`` for the norm ``norm`` (detectron2's names, "EN",
+    "FrozenEN"): with ``head_stats`` "per_level", a ``CycleBatchNormList`` (detectron2's, for BN
+    and SyncBN) or a ``CycleEvalNormList`` of ``num_levels`` layers; with "shared", one layer of
+    that norm, run at every level. Norms without trained statistics (GN, FrozenBN, "") are
+    shared. ``norm_batch_size``: B, images per GPU (each level's batch); the other arguments as
+    :func:`evalnorm_norm`'s."""
+    if head_stats not in RETINANET_HEAD_STATS:
+        choices = ", ".join(map(repr, RETINANET_HEAD_STATS))
+        raise ValueError(f"head_stats={head_stats!r}: expected one of {choices}")
+    per_level = head_stats == "per_level"
     if norm not in PER_LEVEL_NORMS:
         return norm
     if norm not in EVALNORM_NAMES:
         # detectron2's head makes "BN"/"SyncBN" per level; a callable bypasses it.
         return norm if per_level else (lambda channels: get_norm(norm, channels))
-    images_per_gpu = norm_batch_sizes(cfg).images
-    microbatch = cfg.MODEL.EVALNORM.MICROBATCH
     if not per_level:
-        return norm_factory(cfg, norm, images_per_gpu, microbatch)
+        return evalnorm_norm(
+            norm,
+            norm_batch_size,
+            init=init,
+            init_alpha=init_alpha,
+            init_beta=init_beta,
+            eval_mode=eval_mode,
+            frozen_en=frozen_en,
+            microbatch=microbatch,
+        )
+    coefficients = _coefficients(init, init_alpha, init_beta)
 
     def make(channels):
         cycle = CycleEvalNormList(
             num_levels,
             num_features=channels,
             frozen=norm == "FrozenEN",
-            norm_batch_size=images_per_gpu,
+            norm_batch_size=norm_batch_size,
             microbatch=microbatch,
         )
         for layer in cycle:
-            _configure_from(cfg, layer)
+            _configure(layer, coefficients, eval_mode, frozen_en)
         return cycle
 
     return make
