@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml constraints.txt tools/install_detectron2.sh
 	$(PY) -c "import evalnorm_det, torchvision.ops; print('evalnorm_det ready:', evalnorm_det.__file__)"
 	touch $@
 
+# One torch thread unless told otherwise: the tests' tensors are tiny, and on a machine whose
+# other cores are busy, threads that wait for each other made the suite several times slower.
 test: setup lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
 
 # The torch-only core (layers, estimation, conversion): seconds.
 test-fast: setup
