@@ -249,17 +249,9 @@ class EvalNorm2d(nn.BatchNorm2d):
         stats_dtype = self.running_mean.dtype
         means = torch.zeros(k * c, device=x.device, dtype=stats_dtype)
         variances = torch.ones(k * c, device=x.device, dtype=stats_dtype)
-        weight, bias = (None, None) if not self.affine else (self.weight, self.bias)
-        y = F.batch_norm(
-            xg,
-            means,
-            variances,
-            None if weight is None else weight.repeat(k),
-            None if bias is None else bias.repeat(k),
-            True,
-            1.0,
-            self.eps,
-        )
+        weight = None if self.weight is None else self.weight.repeat(k)  # None: affine=False
+        bias = None if self.bias is None else self.bias.repeat(k)
+        y = F.batch_norm(xg, means, variances, weight, bias, True, 1.0, self.eps)
         y = y.view(group_size, k, c, h, w).transpose(0, 1).reshape(n, c, h, w)
         if not (update and self.track_running_stats):  # batch statistics, EMA untouched
             return y
