@@ -15,10 +15,15 @@ weights and inputs.
    image's own statistics mixed in: one more pass over every normalized tensor), and EN
    deployed (``evalnorm.deploy``: the layers whose EMA evaluation changes the detector's raw
    outputs on a calibration image, another than the timed ones, by at most ``--tolerance``
-   folded into their convolutions, the others EN).
+   folded into their convolutions, the others EN). Timed: the network's forward (backbone,
+   RPN head, ROI heads up to the box predictor: ``detector_outputs``) on the same proposals
+   for every model, the EN model's for each image; with random weights the models would
+   otherwise propose different boxes, and different numbers of them (proposal selection and
+   the final per-class NMS, which the norms do not change, are not timed).
 3. One layer: ``EvalNorm2d`` against ``BatchNorm2d`` on the tensor shapes of R50-C4 at 600x600
    (evaluation forward; training forward and backward, EN estimating online); at evaluation
-   also one read of the input (``x.sum()``), the floor of what EN adds to BN's pass.
+   also EN writing over its input (``inplace``, as in detectron2's models) and one read of the
+   input (``x.sum()``), the floor of what EN adds to BN's pass.
 4. Launches: per training step and per inference image, the ATen operators called (nested
    calls included) and the scalar reads (``.item()``, a tensor used as a Python bool), each a
    host-device synchronization on a GPU; on CUDA also the kernels launched and the stream
@@ -296,11 +301,15 @@ def compare_inference(cfg, args):
     calibration = with_proposals(en, [synthetic_batch(args.size, 1, args.seed + 2)])
     deployed, report = deploy(copy.deepcopy(en), calibration, args.tolerance, detector_outputs)
     models = {"BN folded": folded, "EN": en, "EN deployed": deployed.eval()}
+    # Random weights make each model propose other boxes, and another number of them: the
+    # box head's work would differ. Every model evaluates the EN model's proposals.
+    with torch.no_grad(), autocast(args.device, args.amp):
+        batches = with_proposals(en, [[image] for image in images])
 
     @torch.no_grad()
     def run(model, r):
         with autocast(args.device, args.amp):
-            model([images[max(r, 0) % len(images)]])
+            detector_outputs(model, batches[max(r, 0) % len(batches)])
 
     fns = {name: (lambda r, m=m: run(m, r)) for name, m in models.items()}
     times = interleaved(fns, args.images, args.warmup, args.device)
@@ -308,6 +317,7 @@ def compare_inference(cfg, args):
         name: count_launches(lambda m=m: run(m, 0), args.device) for name, m in models.items()
     }
     deployment = {
+        "proposals": [len(proposals[0]) for _, proposals in batches],
         "tolerance": report["tolerance"],
         "change": report["change"],
         "kept": [row["name"] for row in report["layers"] if not row["ema"]],
@@ -378,6 +388,14 @@ def _layer_times(bn, en, train_shape, eval_shape, args):
             layer.take_aux_grad()
 
     @torch.no_grad()
+    def evaluate_in_place(r):  # each call normalizes the last one's output: the same work
+        en.inplace = True
+        try:
+            evaluate(en, r)
+        finally:
+            en.inplace = False
+
+    @torch.no_grad()
     def read(r):  # one pass over the input: what EN's statistics add to BN's pass at least
         x_eval.sum()
 
@@ -385,6 +403,7 @@ def _layer_times(bn, en, train_shape, eval_shape, args):
     for kind, fn in (("eval", evaluate), ("train", train)):
         fns = {"BN": functools.partial(fn, bn), "EN": functools.partial(fn, en)}
         if kind == "eval":
+            fns["EN in place"] = evaluate_in_place
             fns["one read"] = read
         measured = interleaved(fns, args.repeats, 1, args.device)
         times[kind] = {k: statistics.median(v) for k, v in measured.items()}
@@ -434,8 +453,11 @@ def markdown(results):
             + [f"{tr['BN'] * ms:.2f}", f"{tr['EN'] * ms:.2f}", f"{tr['EN'] / tr['BN']:.2f}"]
             + [tuple(row["eval_shape"])]
             + [f"{ev['BN'] * ms:.2f}", f"{ev['EN'] * ms:.2f}", f"{ev['EN'] / ev['BN']:.2f}"]
-            + [f"{ev['one read'] * ms:.2f}", f"{(ev['EN'] - ev['BN']) / ev['one read']:.1f}"]
+            + [f"{ev['EN in place'] * ms:.2f}", f"{ev['one read'] * ms:.2f}"]
+            + [f"{(ev['EN'] - ev['BN']) / ev['one read']:.1f}"]
+            + [f"{ev['EN in place'] / ev['one read']:.1f}"]
         )
+    proposals = ", ".join(map(str, deployment["proposals"]))
     kinds = list(next(iter(results["launches"]["inference"].values())))
     launches = [
         [f"{what}, {name}"] + [counts[k] for k in kinds]
@@ -445,7 +467,7 @@ def markdown(results):
     lines = [
         f"Device: {results['machine']['device']}, {precision[settings['amp']]}. Faster R-CNN "
         + f"R50-C4, training steps of {settings['batch']} images of {size}, inference on one "
-        + "image at a time.",
+        + f"image at a time, on the same proposals for every model ({proposals}).",
         "",
         markdown_table(
             ["training", "step, median (ms)", "/ BN", "peak memory (MiB)", "/ BN"], training, "-"
@@ -461,8 +483,8 @@ def markdown(results):
         "",
         markdown_table(
             ["layer", "train shape", "BN train (ms)", "EN train (ms)", "ratio"]
-            + ["eval shape", "BN eval (ms)", "EN eval (ms)", "ratio"]
-            + ["one read (ms)", "(EN - BN) / one read"],
+            + ["eval shape", "BN eval (ms)", "EN eval (ms)", "ratio", "EN in place (ms)"]
+            + ["one read (ms)", "(EN - BN) / one read", "EN in place / one read"],
             layers,
             "-",
         ),

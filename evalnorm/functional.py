@@ -99,16 +99,18 @@ def evalnorm_statistics(mu_i, var_i, mu_e, var_e, alpha, beta):
     return mu_hat, var_hat
 
 
-def evalnorm(x, running_mean, running_var, weight, bias, alpha, beta, eps):
+def evalnorm(x, running_mean, running_var, weight, bias, alpha, beta, eps, inplace=False):
     """EvalNorm's evaluation output: ``weight * (x - mu_hat) / sqrt(var_hat + eps) + bias``
     (``weight``, ``bias``: (C,) tensors, or None for none).
 
     ``x`` must already be in the computation dtype. Without autograd (inference) the output
     comes from BatchNorm's own evaluation kernel on a (1, N*C, H, W) view, each (sample,
     channel) a channel with its mu_hat, var_hat: one pass over ``x``, as BatchNorm evaluation
-    does. With autograd, which does not differentiate that kernel's statistics, it is computed
+    does; with ``inplace`` (and ``x`` contiguous) it is written over ``x``, which is returned.
+    With autograd, which does not differentiate that kernel's statistics, it is computed
     elementwise so gradients reach alpha and beta; so too while tracing or exporting to ONNX
-    (see ``is_exporting``), where one graph must serve every input shape.
+    (see ``is_exporting``), where one graph must serve every input shape. Neither path
+    writes over ``x``.
     """
     mu_i, var_i = sample_statistics(x)
     mu_hat, var_hat = evalnorm_statistics(mu_i, var_i, running_mean, running_var, alpha, beta)
@@ -120,17 +122,26 @@ def evalnorm(x, running_mean, running_var, weight, bias, alpha, beta, eps):
             return (x - mu_hat[:, :, None, None]) * scale
         return torch.addcmul(bias[:, None, None], x - mu_hat[:, :, None, None], scale)
     n, c, h, w = x.shape
-    y = F.batch_norm(
-        x.reshape(1, n * c, h, w),
-        mu_hat.reshape(-1),
-        var_hat.reshape(-1),
+    args = (
         None if weight is None else weight.repeat(n),
         None if bias is None else bias.repeat(n),
+        mu_hat.reshape(-1),
+        var_hat.reshape(-1),
         False,
         0.0,
         eps,
     )
-    return y.view(n, c, h, w)
+    if inplace and x.is_contiguous():
+        # The kernel's out= form, with x as out: elementwise, each element read before written.
+        view, unused = x.view(1, n * c, h, w), x.new_empty(0)
+        torch.ops.aten.native_batch_norm.out(
+            view, *args, out=view, save_mean=unused, save_invstd=unused
+        )
+        return x
+    weight, bias, mean, var = args[:4]
+    return F.batch_norm(x.reshape(1, n * c, h, w), mean, var, weight, bias, False, 0.0, eps).view(
+        n, c, h, w
+    )
 
 
 def auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, beta, eps, max_positions=None):
@@ -144,9 +155,11 @@ def auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, beta, eps, m
     ``slope * x + offset`` with (N, C) coefficients. Its gradient needs no backward pass over
     the activations: the derivative of ``|slope * x + offset|`` is ``sign * x`` in the slope
     and ``sign`` in the offset, so two sums over positions give the gradient of everything the
-    coefficients depend on (alpha, beta, and the statistics if they required it). ``x`` itself
-    gets none: callers pass it detached (the paper's stop-gradient). The mean (not the paper's
-    sum) keeps the loss's scale independent of the tensor's size.
+    coefficients depend on (alpha, beta, and the statistics if they required it), and the
+    loss's value (``sum |d| = sum sign(d) * d``). The sums are over deviations from each
+    sample's mean, so their terms stay of the order of ``|d|`` however large the mean. ``x``
+    itself gets no gradient: callers pass it detached (the paper's stop-gradient). The mean
+    (not the paper's sum) keeps the loss's scale independent of the tensor's size.
 
     Args:
         max_positions (int or None): use about this many (sample, position) pairs per channel,
@@ -161,10 +174,12 @@ def auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, beta, eps, m
     n, _, positions = x.shape
     if max_positions is not None and n * positions > max_positions:
         x = x[:, :, :: -(-n * positions // max_positions)]
-    total, sum_sign, sum_sign_x = _sign_sums(x, slope.detach(), offset.detach())
-    # (surrogate - surrogate.detach()) is 0, with the gradient of the loss.
-    surrogate = (slope * sum_sign_x + offset * sum_sign).sum()
-    return (total + (surrogate - surrogate.detach())) / x.numel()
+    # In deviations from each sample's mean, slope * x + offset = slope * (x - mu_i) + centered.
+    centered = offset + slope * mu_i.detach()
+    sum_sign, sum_sign_dev, _ = _sign_sums(x, mu_i, slope.detach(), centered.detach())
+    # sum |d| = sum sign(d) * d, and d is affine in x per (sample, channel): the value is the
+    # loss, and its gradient (with the sums held fixed) the loss's.
+    return (slope * sum_sign_dev + centered * sum_sign).sum() / x.numel()
 
 
 def matching_loss(x, target, mu_i, var_i, mu_e, var_e, alpha, beta, eps):
@@ -180,30 +195,37 @@ def matching_loss(x, target, mu_i, var_i, mu_e, var_e, alpha, beta, eps):
     """
     mu_hat, var_hat = evalnorm_statistics(mu_i, var_i, mu_e, var_e, alpha, beta)
     r_hat = torch.rsqrt(var_hat + eps)
-    offset = mu_hat * r_hat
+    # target - r_hat * (x - mu_hat) = target - r_hat * (x - mu_i) + r_hat * (mu_hat - mu_i)
+    centered = r_hat * (mu_hat - mu_i.detach())
     x, target = x.flatten(2), target.flatten(2)
-    total, sum_sign, sum_sign_x = _sign_sums(x, -r_hat.detach(), offset.detach(), target)
-    # d|target - r_hat * x + offset| = sign * (offset - x * r_hat)' per position.
-    surrogate = (offset * sum_sign - r_hat * sum_sign_x).sum()
+    sum_sign, sum_sign_dev, total = _sign_sums(x, mu_i, -r_hat.detach(), centered.detach(), target)
+    surrogate = (centered * sum_sign - r_hat * sum_sign_dev).sum()
     return (total + (surrogate - surrogate.detach())) / x.numel()
 
 
 @torch.no_grad()
-def _sign_sums(x, slope, offset, target=None):
-    """For ``d = slope * x + offset (+ target)`` (``x``, ``target``: (N, C, P); ``slope``,
-    ``offset``: (N, C)): the sum of ``|d|``, and per (sample, channel) the sums over positions
-    of ``sign(d)`` and ``sign(d) * x``, (N, C) each. On CPU block by block (``_row_blocks``)."""
+def _sign_sums(x, center, slope, offset, target=None):
+    """For ``d = slope * (x - center) + offset (+ target)`` (``x``, ``target``: (N, C, P);
+    ``center``, ``slope``, ``offset``: (N, C)): per (sample, channel) the sums over positions of
+    ``sign(d)`` and ``sign(d) * (x - center)``, (N, C) each, and with ``target`` the sum of
+    ``|d|`` (else None). On CPU block by block (``_row_blocks``), in two scratch tensors that
+    every block reuses (writing into existing memory is several times faster than into new)."""
     n, c, p = x.shape
-    rows, slope, offset = x.reshape(n * c, p), slope.reshape(-1, 1), offset.reshape(-1, 1)
+    rows = x.reshape(n * c, p)
+    center, slope, offset = (t.reshape(-1, 1) for t in (center, slope, offset))
     target = None if target is None else target.reshape(n * c, p)
-    total = rows.new_zeros(())
-    sum_sign, sum_sign_x = rows.new_empty(n * c), rows.new_empty(n * c)
-    for b in _row_blocks(rows):
-        diff = torch.addcmul(offset[b], rows[b], slope[b])
+    sum_sign, sum_sign_dev = rows.new_empty(n * c), rows.new_empty(n * c)
+    total = None if target is None else rows.new_zeros(())
+    blocks = _row_blocks(rows)
+    size = (blocks[0].stop - blocks[0].start if blocks else 0, p)
+    dev_scratch, sign_scratch = rows.new_empty(size), rows.new_empty(size)
+    for b in blocks:
+        k = min(b.stop, n * c) - b.start
+        dev = torch.sub(rows[b], center[b], out=dev_scratch[:k])
+        d = torch.mul(dev, slope[b], out=sign_scratch[:k]).add_(offset[b])
         if target is not None:
-            diff += target[b]
-        total += torch.linalg.vector_norm(diff, ord=1)
-        sign = diff.sign_()
+            total += d.add_(target[b]).abs().sum()
+        sign = d.sign_()
         sum_sign[b] = sign.sum(1)
-        sum_sign_x[b] = sign.mul_(rows[b]).sum(1)
-    return total, sum_sign.view(n, c), sum_sign_x.view(n, c)
+        sum_sign_dev[b] = sign.mul_(dev).sum(1)
+    return sum_sign.view(n, c), sum_sign_dev.view(n, c), total

@@ -92,6 +92,11 @@ class EvalNorm2d(nn.BatchNorm2d):
         init: initial alpha = beta: a number in [0, 1], "rule_of_thumb" (1/B^2), "simple"
             (1/B) or "ema" (0). Default: the rule of thumb when ``norm_batch_size`` is known,
             else 0 (evaluation then equals ``BatchNorm2d``'s until coefficients are set).
+        inplace (bool): EvalNorm evaluation without autograd writes its output over the input
+            and returns it, as ``nn.ReLU(inplace=True)`` does: no output as large as the input
+            is allocated (on CPU, first writes to new memory can cost more than the
+            normalization). Only where nothing else reads the input afterwards, such as a
+            convolution's output; not while the layer has forward hooks, which see the input.
 
     Attributes:
         mode (str): one of ``EVAL_MODES``; how evaluation forms its statistics.
@@ -116,6 +121,7 @@ class EvalNorm2d(nn.BatchNorm2d):
         frozen_en="frozen_target",
         init=None,
         affine=True,
+        inplace=False,
         device=None,
         dtype=None,
     ):
@@ -138,6 +144,7 @@ class EvalNorm2d(nn.BatchNorm2d):
         self.microbatch = bool(microbatch)
         self.frozen = bool(frozen)
         self.frozen_en = frozen_en
+        self.inplace = bool(inplace)
         if self.frozen and self.affine:
             self.weight.requires_grad_(False)
             self.bias.requires_grad_(False)
@@ -198,6 +205,8 @@ class EvalNorm2d(nn.BatchNorm2d):
             s += ", microbatch=True"
         if self.frozen:
             s += f", frozen=True, frozen_en={self.frozen_en!r}"
+        if self.inplace:
+            s += ", inplace=True"
         return s
 
     def forward(self, x):
@@ -279,6 +288,12 @@ class EvalNorm2d(nn.BatchNorm2d):
         else:
             raise ValueError(f"EvalNorm2d.mode must be one of {EVAL_MODES}, got {self.mode!r}")
         dtype = torch.promote_types(x.dtype, torch.float32)  # statistics in float32 at least
+        inplace = (
+            self.inplace
+            and not torch.is_grad_enabled()
+            and not EF.is_exporting()
+            and not (self._forward_hooks or self._forward_pre_hooks)
+        )
         with torch.autocast(x.device.type, enabled=False):
             y = EF.evalnorm(
                 x.to(dtype),
@@ -289,7 +304,10 @@ class EvalNorm2d(nn.BatchNorm2d):
                 alpha if isinstance(alpha, float) else alpha.to(dtype),
                 beta if isinstance(beta, float) else beta.to(dtype),
                 self.eps,
+                inplace=inplace,
             )
+        if inplace and y is not x:  # a float16 or non-contiguous input: a copy was normalized
+            return x.copy_(y)
         return y.to(x.dtype)
 
     def _estimation_ema(self):

@@ -81,9 +81,12 @@ def evalnorm_norm(
 
 
 def _configure(layer, coefficients, eval_mode, frozen_en):
-    """Initial alpha/beta, evaluation mode and, if frozen, how it trains, of a new layer."""
+    """Initial alpha/beta, evaluation mode and, if frozen, how it trains, of a new layer. It
+    evaluates in place (``EvalNorm2d.inplace``): detectron2 normalizes only the outputs of
+    convolutions, which nothing else reads."""
     layer.set_coefficients(*coefficients)
     layer.mode = eval_mode
+    layer.inplace = True
     if layer.frozen:
         layer.frozen_en = frozen_en
     return layer

@@ -66,6 +66,10 @@ def test_smoke_preset_writes_every_measure(smoke):
     )
     assert "| EN deployed (" in table
     assert all(row["eval"]["one read"] > 0 for row in saved["layers"])
+    assert all(row["eval"]["EN in place"] > 0 for row in saved["layers"])
+    # Every model evaluates the same proposals, one set per timed image.
+    assert len(deployment["proposals"]) == overhead.PRESETS["smoke"]["images"]
+    assert all(n > 0 for n in deployment["proposals"])
     for rows in launches.values():  # EN computes per-sample statistics on top of BN's work
         en, bn = rows["EN"], rows.get("BN", rows.get("BN folded"))
         assert en["operators"] > bn["operators"] > 0 and en["scalar reads"] >= bn["scalar reads"]

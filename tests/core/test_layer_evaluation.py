@@ -1,5 +1,7 @@
 """Evaluation: eqs. 5-6 against float64 references, and their limits (BN eval, per-sample)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,51 @@ def test_cpu_sample_statistics_match_float64_and_batchnorm_kernel(monkeypatch, s
     kernel = torch.batch_norm_update_stats(x.reshape(1, n * c, h, w), None, None, 1.0)
     torch.testing.assert_close(mean, kernel[0].view(n, c))
     torch.testing.assert_close(var, kernel[1].view(n, c), rtol=3e-5, atol=0)
+
+
+@pytest.mark.parametrize(
+    "dtype,layout",
+    [
+        (torch.float32, "contiguous"),
+        (torch.float64, "contiguous"),
+        (torch.float16, "contiguous"),
+        (torch.float32, "strided"),
+    ],
+)
+def test_inplace_inference_writes_the_same_output_over_the_input(dtype, layout):
+    layer = make_layer(dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    layer.set_coefficients(0.3, 0.6)
+    base = random_input((3, 5, 6, 14), dtype=dtype)
+    x = base if layout == "contiguous" else base[..., ::2]  # (3, 5, 6, 7), not contiguous
+    with torch.no_grad():
+        expected = layer(x)
+        layer.inplace = True
+        y = layer(x)
+    assert y is x
+    assert y.dtype == dtype and torch.equal(y, expected)
+    if layout == "strided":  # only the view's elements were written
+        torch.testing.assert_close(base[..., 1::2], random_input((3, 5, 6, 14))[..., 1::2])
+
+
+def test_inplace_leaves_the_input_alone_with_autograd_hooks_ema_and_tracing():
+    layer = make_layer(inplace=True)
+    layer.set_coefficients(0.3, 0.6)
+    x = random_input()
+    original = x.clone()
+    with torch.no_grad():
+        expected = layer(x.clone())
+    assert layer(x) is not x  # autograd on: alpha/beta may need the input
+    seen = []
+    handle = layer.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].clone()))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    handle.remove()
+    torch.testing.assert_close(seen[0], original, rtol=0, atol=0)  # the hook saw the input
+    with torch.no_grad(), evalnorm_mode(layer, "ema"):
+        layer(x)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation
+        traced = torch.jit.trace(layer, x)
+    torch.testing.assert_close(x, original, rtol=0, atol=0)
+    torch.testing.assert_close(traced(x.clone()), expected, rtol=1e-6, atol=1e-6)
+    assert "inplace=True" in repr(layer)

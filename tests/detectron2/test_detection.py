@@ -5,7 +5,7 @@ import types
 
 import pytest
 import torch
-from detection_helpers import en_layers, norm_types, tiny_cfg, train
+from detection_helpers import en_layers, norm_types, tiny_cfg, tiny_fpn_cfg, train
 from detectron2.data import transforms as T
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
@@ -58,6 +58,23 @@ def test_backbone_and_head_norms_are_chosen_separately(
             assert m.frozen == (m in set(model.backbone.modules()) and backbone == "FrozenEN") or (
                 m in set(model.roi_heads.modules()) and head == "FrozenEN"
             )
+
+
+@pytest.mark.parametrize("fpn", [False, True], ids=["C4", "FPN"])
+def test_evalnorm_layers_evaluate_in_place_with_the_same_detections(tmp_path, fpn):
+    cfg = (tiny_fpn_cfg if fpn else tiny_cfg)(tmp_path)
+    model = randomize_batchnorm(build_model(cfg)).eval()
+    layers = [m for _, m in en_layers(model)]
+    assert layers and all(m.inplace for m in layers)
+    images = [{"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}]
+    with torch.no_grad():
+        inplace = model(images)[0]["instances"]
+        for m in layers:
+            m.inplace = False
+        expected = model(images)[0]["instances"]
+    assert len(expected) > 0
+    assert torch.equal(inplace.pred_boxes.tensor, expected.pred_boxes.tensor)
+    assert torch.equal(inplace.scores, expected.scores)
 
 
 def test_normalization_batch_sizes_are_derived(tmp_path):

@@ -85,6 +85,7 @@ def test_convert_norms_keeps_the_model_and_gives_each_place_its_b(tmp_path):
     for name, m in layers.items():
         b = 2 * 8 if name.startswith("roi_heads.") else 2
         assert m.norm_batch_size == b and m.alpha.item() == pytest.approx(1 / b**2)
+        assert m.inplace  # each normalizes a convolution's output
     with torch.no_grad(), evalnorm_mode(model, "ema"):
         after = model(images)[0]["instances"]
     assert torch.equal(before.pred_boxes.tensor, after.pred_boxes.tensor)
