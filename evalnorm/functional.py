@@ -156,9 +156,8 @@ def auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, beta, eps, m
     the activations: the derivative of ``|slope * x + offset|`` is ``sign * x`` in the slope
     and ``sign`` in the offset, so two sums over positions give the gradient of everything the
     coefficients depend on (alpha, beta, and the statistics if they required it), and the
-    loss's value (``sum |d| = sum sign(d) * d``). The sums are over deviations from each
-    sample's mean, so their terms stay of the order of ``|d|`` however large the mean. ``x``
-    itself gets no gradient: callers pass it detached (the paper's stop-gradient). The mean
+    loss's value (``sum |d| = sum sign(d) * d``, assembled in deviations from each sample's
+    mean, so that a mean far from zero adds no terms that cancel). ``x`` itself gets no gradient: callers pass it detached (the paper's stop-gradient). The mean
     (not the paper's sum) keeps the loss's scale independent of the tensor's size.
 
     Args:
@@ -174,12 +173,12 @@ def auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, beta, eps, m
     n, _, positions = x.shape
     if max_positions is not None and n * positions > max_positions:
         x = x[:, :, :: -(-n * positions // max_positions)]
-    # In deviations from each sample's mean, slope * x + offset = slope * (x - mu_i) + centered.
-    centered = offset + slope * mu_i.detach()
-    sum_sign, sum_sign_dev, _ = _sign_sums(x, mu_i, slope.detach(), centered.detach())
-    # sum |d| = sum sign(d) * d, and d is affine in x per (sample, channel): the value is the
-    # loss, and its gradient (with the sums held fixed) the loss's.
-    return (slope * sum_sign_dev + centered * sum_sign).sum() / x.numel()
+    _, sum_sign, sum_sign_x = _sign_sums(x, slope.detach(), offset.detach())
+    # With the sums held fixed, this is the loss's value and has its gradient.
+    mu = mu_i.detach()
+    return (slope * (sum_sign_x - mu * sum_sign) + (offset + slope * mu) * sum_sign).sum() / (
+        x.numel()
+    )
 
 
 def matching_loss(x, target, mu_i, var_i, mu_e, var_e, alpha, beta, eps):
@@ -195,37 +194,33 @@ def matching_loss(x, target, mu_i, var_i, mu_e, var_e, alpha, beta, eps):
     """
     mu_hat, var_hat = evalnorm_statistics(mu_i, var_i, mu_e, var_e, alpha, beta)
     r_hat = torch.rsqrt(var_hat + eps)
-    # target - r_hat * (x - mu_hat) = target - r_hat * (x - mu_i) + r_hat * (mu_hat - mu_i)
-    centered = r_hat * (mu_hat - mu_i.detach())
+    offset = mu_hat * r_hat
     x, target = x.flatten(2), target.flatten(2)
-    sum_sign, sum_sign_dev, total = _sign_sums(x, mu_i, -r_hat.detach(), centered.detach(), target)
-    surrogate = (centered * sum_sign - r_hat * sum_sign_dev).sum()
+    total, sum_sign, sum_sign_x = _sign_sums(x, -r_hat.detach(), offset.detach(), target)
+    # d|target - r_hat * x + offset| = sign * (offset - x * r_hat)' per position.
+    surrogate = (offset * sum_sign - r_hat * sum_sign_x).sum()
     return (total + (surrogate - surrogate.detach())) / x.numel()
 
 
 @torch.no_grad()
-def _sign_sums(x, center, slope, offset, target=None):
-    """For ``d = slope * (x - center) + offset (+ target)`` (``x``, ``target``: (N, C, P);
-    ``center``, ``slope``, ``offset``: (N, C)): per (sample, channel) the sums over positions of
-    ``sign(d)`` and ``sign(d) * (x - center)``, (N, C) each, and with ``target`` the sum of
-    ``|d|`` (else None). On CPU block by block (``_row_blocks``), in two scratch tensors that
-    every block reuses (writing into existing memory is several times faster than into new)."""
+def _sign_sums(x, slope, offset, target=None):
+    """For ``d = slope * x + offset (+ target)`` (``x``, ``target``: (N, C, P); ``slope``,
+    ``offset``: (N, C)): with ``target`` the sum of ``|d|`` (else None), and per (sample,
+    channel) the sums over positions of ``sign(d)`` and ``sign(d) * x``, (N, C) each. On CPU
+    block by block (``_row_blocks``), in one scratch tensor that every block reuses (writing
+    into existing memory is several times faster than into new, and than ``addcmul``)."""
     n, c, p = x.shape
-    rows = x.reshape(n * c, p)
-    center, slope, offset = (t.reshape(-1, 1) for t in (center, slope, offset))
+    rows, slope, offset = x.reshape(n * c, p), slope.reshape(-1, 1), offset.reshape(-1, 1)
     target = None if target is None else target.reshape(n * c, p)
-    sum_sign, sum_sign_dev = rows.new_empty(n * c), rows.new_empty(n * c)
+    sum_sign, sum_sign_x = rows.new_empty(n * c), rows.new_empty(n * c)
     total = None if target is None else rows.new_zeros(())
     blocks = _row_blocks(rows)
-    size = (blocks[0].stop - blocks[0].start if blocks else 0, p)
-    dev_scratch, sign_scratch = rows.new_empty(size), rows.new_empty(size)
+    scratch = torch.empty_like(rows[blocks[0]]) if blocks else None
     for b in blocks:
-        k = min(b.stop, n * c) - b.start
-        dev = torch.sub(rows[b], center[b], out=dev_scratch[:k])
-        d = torch.mul(dev, slope[b], out=sign_scratch[:k]).add_(offset[b])
+        d = torch.mul(rows[b], slope[b], out=scratch[: len(rows[b])]).add_(offset[b])
         if target is not None:
             total += d.add_(target[b]).abs().sum()
         sign = d.sign_()
         sum_sign[b] = sign.sum(1)
-        sum_sign_dev[b] = sign.mul_(dev).sum(1)
-    return sum_sign.view(n, c), sum_sign_dev.view(n, c), total
+        sum_sign_x[b] = sign.mul_(rows[b]).sum(1)
+    return total, sum_sign.view(n, c), sum_sign_x.view(n, c)
