@@ -15,11 +15,12 @@ weights and inputs.
    image's own statistics mixed in: one more pass over every normalized tensor), and EN
    deployed (``evalnorm.deploy``: the layers whose EMA evaluation changes the detector's raw
    outputs on a calibration image, another than the timed ones, by at most ``--tolerance``
-   folded into their convolutions, the others EN). Timed: the network's forward (backbone,
-   RPN head, ROI heads up to the box predictor: ``detector_outputs``) on the same proposals
-   for every model, the EN model's for each image; with random weights the models would
-   otherwise propose different boxes, and different numbers of them (proposal selection and
-   the final per-class NMS, which the norms do not change, are not timed).
+   folded into their convolutions, the others EN); also EN with ``inplace`` off (each layer's
+   output a new tensor, as a plain ``EvalNorm2d`` makes). Timed: the network's forward
+   (backbone, RPN head, ROI heads up to the box predictor: ``detector_outputs``) on the same
+   proposals for every model, the EN model's for each image; with random weights the models
+   would otherwise propose different boxes, and different numbers of them (proposal selection
+   and the final per-class NMS, which the norms do not change, are not timed).
 3. One layer: ``EvalNorm2d`` against ``BatchNorm2d`` on the tensor shapes of R50-C4 at 600x600
    (evaluation forward; training forward and backward, EN estimating online); at evaluation
    also EN writing over its input (``inplace``, as in detectron2's models) and one read of the
@@ -300,11 +301,24 @@ def compare_inference(cfg, args):
     images = synthetic_batch(args.size, args.images, args.seed + 1)
     calibration = with_proposals(en, [synthetic_batch(args.size, 1, args.seed + 2)])
     deployed, report = deploy(copy.deepcopy(en), calibration, args.tolerance, detector_outputs)
-    models = {"BN folded": folded, "EN": en, "EN deployed": deployed.eval()}
+    not_in_place = copy.deepcopy(en)
+    for m in not_in_place.modules():
+        if isinstance(m, EvalNorm2d):
+            m.inplace = False
+    models = {
+        "BN folded": folded,
+        "EN": en,
+        "EN, not in place": not_in_place,
+        "EN deployed": deployed.eval(),
+    }
     # Random weights make each model propose other boxes, and another number of them: the
     # box head's work would differ. Every model evaluates the EN model's proposals.
     with torch.no_grad(), autocast(args.device, args.amp):
         batches = with_proposals(en, [[image] for image in images])
+        own = {
+            name: with_proposals(models[name], [[image] for image in images])
+            for name in ("BN folded", "EN deployed")
+        }
 
     @torch.no_grad()
     def run(model, r):
@@ -318,6 +332,10 @@ def compare_inference(cfg, args):
     }
     deployment = {
         "proposals": [len(proposals[0]) for _, proposals in batches],
+        # what the other models would have proposed themselves
+        "own proposals": {
+            name: [len(proposals[0]) for _, proposals in batches] for name, batches in own.items()
+        },
         "tolerance": report["tolerance"],
         "change": report["change"],
         "kept": [row["name"] for row in report["layers"] if not row["ema"]],
@@ -428,9 +446,11 @@ def markdown(results):
         )
     bn, en = statistics.median(i["BN folded"]), statistics.median(i["EN"])
     deployed, deployment = statistics.median(i["EN deployed"]), results["deployment"]
+    copied = statistics.median(i["EN, not in place"])
     inference = [
         ["BN, EMA statistics folded into the convolutions", f"{bn * ms:.0f}", "1.000"],
         ["EN", f"{en * ms:.0f}", f"{en / bn:.3f}"],
+        ["EN, not in place (each output a new tensor)", f"{copied * ms:.0f}", f"{copied / bn:.3f}"],
         [
             (
                 f"EN deployed ({deployment['layers'] - len(deployment['kept'])} of "
@@ -458,6 +478,7 @@ def markdown(results):
             + [f"{ev['EN in place'] / ev['one read']:.1f}"]
         )
     proposals = ", ".join(map(str, deployment["proposals"]))
+    own = {k: ", ".join(map(str, v)) for k, v in deployment["own proposals"].items()}
     kinds = list(next(iter(results["launches"]["inference"].values())))
     launches = [
         [f"{what}, {name}"] + [counts[k] for k in kinds]
@@ -467,7 +488,9 @@ def markdown(results):
     lines = [
         f"Device: {results['machine']['device']}, {precision[settings['amp']]}. Faster R-CNN "
         + f"R50-C4, training steps of {settings['batch']} images of {size}, inference on one "
-        + f"image at a time, on the same proposals for every model ({proposals}).",
+        + f"image at a time, on the same proposals for every model ({proposals}; on its "
+        + f"own, BN folded would have proposed {own['BN folded']}, EN deployed "
+        + f"{own['EN deployed']}).",
         "",
         markdown_table(
             ["training", "step, median (ms)", "/ BN", "peak memory (MiB)", "/ BN"], training, "-"
@@ -564,6 +587,7 @@ def measure(args):
             "peak memory": memory["EN"]["peak"] / memory["BN"]["peak"],
             f"peak memory ({subsampled})": memory[subsampled]["peak"] / memory["BN"]["peak"],
             "inference": ratio(inference, "BN folded", "EN"),
+            "inference (EN, not in place)": ratio(inference, "BN folded", "EN, not in place"),
             "inference (EN deployed)": ratio(inference, "BN folded", "EN deployed"),
         },
         "goals": GOALS,

@@ -57,7 +57,7 @@ def test_smoke_preset_writes_every_measure(smoke):
     # One flat tensor for every layer's alpha/beta: no value read to the host in a step.
     assert launches["training step"]["EN, OnlineEstimator.step alone"]["scalar reads"] == 0
     assert launches["training step"]["EN, NaN check alone"]["scalar reads"] == 1
-    assert set(launches["inference"]) == {"BN folded", "EN", "EN deployed"}
+    assert set(launches["inference"]) == {"BN folded", "EN", "EN, not in place", "EN deployed"}
     deployment = saved["deployment"]
     assert deployment["change"] <= deployment["tolerance"] == 1e-3
     assert saved["ratios"]["inference (EN deployed)"] == pytest.approx(
@@ -70,6 +70,8 @@ def test_smoke_preset_writes_every_measure(smoke):
     # Every model evaluates the same proposals, one set per timed image.
     assert len(deployment["proposals"]) == overhead.PRESETS["smoke"]["images"]
     assert all(n > 0 for n in deployment["proposals"])
+    assert {len(v) for v in deployment["own proposals"].values()} == {len(deployment["proposals"])}
+    assert "| EN, not in place (each output a new tensor) |" in table
     for rows in launches.values():  # EN computes per-sample statistics on top of BN's work
         en, bn = rows["EN"], rows.get("BN", rows.get("BN folded"))
         assert en["operators"] > bn["operators"] > 0 and en["scalar reads"] >= bn["scalar reads"]
