@@ -44,6 +44,17 @@ def test_evaluation_matches_float64_reference(grad, dtype, tol):
     np.testing.assert_allclose(y.detach().double().cpu().numpy(), expected, rtol=tol, atol=tol)
 
 
+def test_inplace_inference_writes_the_same_output_over_the_input():
+    layer = randomize_batchnorm(EvalNorm2d(5), seed=0).cuda().eval()
+    layer.set_coefficients(0.7, 0.1)
+    x = varied_input((3, 5, 6, 7), seed=1, dtype=torch.float32).cuda()
+    with torch.no_grad():
+        expected = layer(x)
+        layer.inplace = True
+        y = layer(x)
+    assert y is x and torch.equal(y, expected)
+
+
 @pytest.mark.parametrize("norm_batch_size,microbatch", [(None, False), (2, True)])
 def test_online_gradient_matches_finite_differences(norm_batch_size, microbatch):
     layer = EvalNorm2d(3, norm_batch_size=norm_batch_size or 4, microbatch=microbatch)
