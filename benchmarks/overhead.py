@@ -35,7 +35,7 @@ weights and inputs.
 
 Goals: training step <= 1.03x BN, peak memory <= 1.03x, inference <= 1.10x (folded BN).
 
-    python -m benchmarks.overhead                  # quick, CPU: about 5 minutes on 2 cores
+    python -m benchmarks.overhead                  # quick, CPU: 20-25 minutes on one thread
     python -m benchmarks.overhead --device cuda    # on a GPU
     python -m benchmarks.overhead --device cuda --amp fp16   # under float16 autocast
     python -m benchmarks.overhead --preset full    # more rounds
