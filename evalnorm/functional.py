@@ -109,8 +109,8 @@ def evalnorm(x, running_mean, running_var, weight, bias, alpha, beta, eps, inpla
     does; with ``inplace`` (and ``x`` contiguous) it is written over ``x``, which is returned.
     With autograd, which does not differentiate that kernel's statistics, it is computed
     elementwise so gradients reach alpha and beta; so too while tracing or exporting to ONNX
-    (see ``is_exporting``), where one graph must serve every input shape. Neither path
-    writes over ``x``.
+    (see ``is_exporting``), where one graph must serve every input shape; these two paths
+    never write over ``x``.
     """
     mu_i, var_i = sample_statistics(x)
     mu_hat, var_hat = evalnorm_statistics(mu_i, var_i, running_mean, running_var, alpha, beta)
@@ -122,26 +122,28 @@ def evalnorm(x, running_mean, running_var, weight, bias, alpha, beta, eps, inpla
             return (x - mu_hat[:, :, None, None]) * scale
         return torch.addcmul(bias[:, None, None], x - mu_hat[:, :, None, None], scale)
     n, c, h, w = x.shape
-    args = (
-        None if weight is None else weight.repeat(n),
-        None if bias is None else bias.repeat(n),
-        mu_hat.reshape(-1),
-        var_hat.reshape(-1),
-        False,
-        0.0,
-        eps,
-    )
+    rows = x.reshape(1, n * c, h, w)  # a view of x when x is contiguous
+    weight = None if weight is None else weight.repeat(n)
+    bias = None if bias is None else bias.repeat(n)
+    mean, var = mu_hat.reshape(-1), var_hat.reshape(-1)
     if inplace and x.is_contiguous():
-        # The kernel's out= form, with x as out: elementwise, each element read before written.
-        view, unused = x.view(1, n * c, h, w), x.new_empty(0)
+        # The kernel's out= form, out being its input: elementwise, each element read first.
+        unused = x.new_empty(0)
         torch.ops.aten.native_batch_norm.out(
-            view, *args, out=view, save_mean=unused, save_invstd=unused
+            rows,
+            weight,
+            bias,
+            mean,
+            var,
+            False,
+            0.0,
+            eps,
+            out=rows,
+            save_mean=unused,
+            save_invstd=unused,
         )
         return x
-    weight, bias, mean, var = args[:4]
-    return F.batch_norm(x.reshape(1, n * c, h, w), mean, var, weight, bias, False, 0.0, eps).view(
-        n, c, h, w
-    )
+    return F.batch_norm(rows, mean, var, weight, bias, False, 0.0, eps).view(n, c, h, w)
 
 
 def auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, beta, eps, max_positions=None):
@@ -157,8 +159,9 @@ def auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, beta, eps, m
     and ``sign`` in the offset, so two sums over positions give the gradient of everything the
     coefficients depend on (alpha, beta, and the statistics if they required it), and the
     loss's value (``sum |d| = sum sign(d) * d``, assembled in deviations from each sample's
-    mean, so that a mean far from zero adds no terms that cancel). ``x`` itself gets no gradient: callers pass it detached (the paper's stop-gradient). The mean
-    (not the paper's sum) keeps the loss's scale independent of the tensor's size.
+    mean, so that a mean far from zero adds no terms that cancel). ``x`` itself gets no
+    gradient: callers pass it detached (the paper's stop-gradient). The mean (not the paper's
+    sum) keeps the loss's scale independent of the tensor's size.
 
     Args:
         max_positions (int or None): use about this many (sample, position) pairs per channel,
@@ -207,8 +210,9 @@ def _sign_sums(x, slope, offset, target=None):
     """For ``d = slope * x + offset (+ target)`` (``x``, ``target``: (N, C, P); ``slope``,
     ``offset``: (N, C)): with ``target`` the sum of ``|d|`` (else None), and per (sample,
     channel) the sums over positions of ``sign(d)`` and ``sign(d) * x``, (N, C) each. On CPU
-    block by block (``_row_blocks``), in one scratch tensor that every block reuses (writing
-    into existing memory is several times faster than into new, and than ``addcmul``)."""
+    block by block (``_row_blocks``), in one scratch tensor that every block reuses: on CPU,
+    writing into memory already in use is several times faster than into new memory, and a
+    multiply then an add faster than ``addcmul``."""
     n, c, p = x.shape
     rows, slope, offset = x.reshape(n * c, p), slope.reshape(-1, 1), offset.reshape(-1, 1)
     target = None if target is None else target.reshape(n * c, p)
