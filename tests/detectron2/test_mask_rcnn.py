@@ -1,6 +1,7 @@
 """Mask R-CNN with EvalNorm: the mask head and its B, iterations with no or one foreground ROI,
 the digits' masks, mask AP beside box AP in the table, the rescue of a BN Mask R-CNN."""
 
+import copy
 import csv
 import json
 import math
@@ -33,6 +34,7 @@ from helpers import ROOT, import_tool, randomize_batchnorm
 from test_configs import D2_CONFIGS, load, value
 from torch import nn
 
+from evalnorm import deploy, output_change
 from evalnorm_det import OnlineEstimator, Trainer, check_evalnorm_config, evalnorm_mode
 from evalnorm_det.config import TABLE_ROWS, norm_batch_sizes
 from evalnorm_det.data import write_coco2014_layout
@@ -44,6 +46,7 @@ from evalnorm_det.engine import (
     parse_args,
     setup_cfg,
 )
+from evalnorm_det.engine.deploy import detector_outputs, with_proposals
 from evalnorm_det.engine.evaluation import METRICS, format_table
 from evalnorm_det.engine.trainer import _CHECKED
 from evalnorm_det.modeling import EvalNormConvUpsampleHead, convert_norms
@@ -178,6 +181,35 @@ def test_the_digits_masks_are_each_digits_pixels(tmp_path):
     instances = DatasetMapper(mask_cfg(tmp_path), is_train=True)(dicts[0])["instances"]
     assert isinstance(instances.gt_masks, BitMasks)
     assert instances.gt_masks.tensor.shape[0] == len(instances) > 0
+
+
+@pytest.mark.parametrize("fpn", [True, False], ids=["FPN", "C4"])
+def test_deployment_compares_the_mask_logits(tmp_path, fpn):
+    """``detector_outputs`` ends with the mask head's logits on the fixed proposals, so
+    deployment measures what the mask head's layers (FPN) change: box outputs do not show it."""
+    cfg = mask_cfg(tmp_path, fpn=fpn)
+    model = randomize_batchnorm(build_model(cfg)).eval()
+    image = [{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)}]
+    (batch,) = with_proposals(model, [image])
+    with torch.no_grad():
+        outputs = detector_outputs(model, batch)
+    # Upsampled 2x from the mask pooler (FPN) or from res5, half the box pooler's side (C4).
+    side = (
+        2 * cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION
+        if fpn
+        else cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+    )
+    classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    assert outputs[-1].shape == (len(batch[1][0]), classes, side, side)
+    _, report = deploy(copy.deepcopy(model), [batch], 1e-3, detector_outputs)
+    assert report["change"] <= 1e-3
+    if not fpn:  # C4's mask head is a deconvolution: res5, shared with the boxes, normalizes
+        return
+    assert any(n.startswith("roi_heads.mask_head.") for n, _ in en_layers(model))
+    with torch.no_grad(), evalnorm_mode(model.roi_heads.mask_head, "ema"):
+        changed = detector_outputs(model, batch)
+    assert output_change(outputs[:-1], changed[:-1]) == 0
+    assert output_change(outputs, changed) > 1e-3
 
 
 def test_convert_norms_gives_a_detectron2_mask_heads_norms_their_own_b(tmp_path):
