@@ -210,9 +210,8 @@ def _sign_sums(x, slope, offset, target=None):
     """For ``d = slope * x + offset (+ target)`` (``x``, ``target``: (N, C, P); ``slope``,
     ``offset``: (N, C)): with ``target`` the sum of ``|d|`` (else None), and per (sample,
     channel) the sums over positions of ``sign(d)`` and ``sign(d) * x``, (N, C) each. On CPU
-    block by block (``_row_blocks``), in one scratch tensor that every block reuses: on CPU,
-    writing into memory already in use is several times faster than into new memory, and a
-    multiply then an add faster than ``addcmul``."""
+    block by block (``_row_blocks``), in one scratch tensor that every block reuses (on CPU,
+    cheaper than a new tensor per block, and a multiply then an add cheaper than ``addcmul``)."""
     n, c, p = x.shape
     rows, slope, offset = x.reshape(n * c, p), slope.reshape(-1, 1), offset.reshape(-1, 1)
     target = None if target is None else target.reshape(n * c, p)

@@ -94,9 +94,9 @@ class EvalNorm2d(nn.BatchNorm2d):
             else 0 (evaluation then equals ``BatchNorm2d``'s until coefficients are set).
         inplace (bool): EvalNorm evaluation without autograd writes its output over the input
             and returns it, as ``nn.ReLU(inplace=True)`` does: no output as large as the input
-            is allocated (on CPU, first writes to new memory can cost more than the
-            normalization). Only where nothing else reads the input afterwards, such as a
-            convolution's output; not while the layer has forward hooks, which see the input.
+            is allocated (on CPU, allocating it can cost more than the normalization). Only
+            where nothing else reads the input afterwards, such as a convolution's output; not
+            while the layer has forward hooks, which see the input.
 
     Attributes:
         mode (str): one of ``EVAL_MODES``; how evaluation forms its statistics.
