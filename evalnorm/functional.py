@@ -158,10 +158,10 @@ def auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, beta, eps, m
     the activations: the derivative of ``|slope * x + offset|`` is ``sign * x`` in the slope
     and ``sign`` in the offset, so two sums over positions give the gradient of everything the
     coefficients depend on (alpha, beta, and the statistics if they required it), and the
-    loss's value (``sum |d| = sum sign(d) * d``, assembled in deviations from each sample's
-    mean, so that a mean far from zero adds no terms that cancel). ``x`` itself gets no
-    gradient: callers pass it detached (the paper's stop-gradient). The mean (not the paper's
-    sum) keeps the loss's scale independent of the tensor's size.
+    loss's value (``sum |d| = sum sign(d) * d``; it carries their float32 rounding, as the
+    gradient does). ``x`` itself gets no gradient: callers pass it detached (the paper's
+    stop-gradient). The mean (not the paper's sum) keeps the loss's scale independent of the
+    tensor's size.
 
     Args:
         max_positions (int or None): use about this many (sample, position) pairs per channel,
@@ -178,10 +178,7 @@ def auxiliary_loss(x, mu_i, var_i, mu_b, var_b, mu_e, var_e, alpha, beta, eps, m
         x = x[:, :, :: -(-n * positions // max_positions)]
     _, sum_sign, sum_sign_x = _sign_sums(x, slope.detach(), offset.detach())
     # With the sums held fixed, this is the loss's value and has its gradient.
-    mu = mu_i.detach()
-    return (slope * (sum_sign_x - mu * sum_sign) + (offset + slope * mu) * sum_sign).sum() / (
-        x.numel()
-    )
+    return (slope * sum_sign_x + offset * sum_sign).sum() / x.numel()
 
 
 def matching_loss(x, target, mu_i, var_i, mu_e, var_e, alpha, beta, eps):

@@ -215,7 +215,7 @@ def test_float32_loss_and_gradient_match_float64(mean, std, rtol, cpu_blocks):
     """The loss's value and gradient, computed in float32 from sums over positions, against
     float64. Far from zero (a mean 1e4 stds away) float32 itself limits them: each value's
     rounding is ~1e-3 of a std (see test_cpu_sample_statistics_match_float64_and_batchnorm_kernel),
-    and the gradient is off by 4e-3 relative (measured), as it was with uncentered sums."""
+    and on this test's data the gradient is off by 4e-3 relative."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 16, 16, generator=g) + torch.randn(2, 8, 1, 1, generator=g)
     ema_mean = 2 * torch.randn(8, generator=g)
